@@ -1,0 +1,167 @@
+"""The invsort model file: weights plus everything needed to use them, in one ``torch.save`` dict.
+
+Layout (every value is a type that ``torch.load(..., weights_only=True)`` accepts)::
+
+    {"format": "invsort-model/1", "arch": "mobilenet_v2", "class_names": [...],
+     "in_chans": 3, "input_size": [H, W], "mean": [...], "std": [...],
+     "version": "<12 hex chars of the sha256 of the weights>", "state_dict": {...},
+     "temperature": 1.0, "review_threshold": 0.0, "created_at": "ISO-8601", "info": {...}}
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import ModelFileError
+from pipeline.models import create_model
+
+FORMAT = "invsort-model/1"
+BUNDLED_PREFIX = "bundled:"
+BUNDLED = {"fashion_mnist_cnn": "fashion_mnist_cnn.pt"}
+
+
+@dataclass
+class ModelFile:
+    """A loaded model file. ``name`` is what goes into ``catalog_items.model_name``."""
+
+    arch: str
+    class_names: list[str]
+    in_chans: int
+    input_size: tuple[int, int]  # (H, W) pixels
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    state_dict: dict[str, torch.Tensor]
+    version: str = ""
+    name: str = ""
+    temperature: float = 1.0
+    review_threshold: float = 0.0
+    created_at: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def build(self) -> nn.Module:
+        """The architecture with these weights loaded, in eval mode, on the CPU."""
+        model = create_model(self.arch, num_classes=self.num_classes, in_chans=self.in_chans)
+        model.load_state_dict(self.state_dict, strict=True)
+        return model.eval()
+
+
+def weights_version(state_dict: dict[str, torch.Tensor]) -> str:
+    """12 hex chars of the sha256 over the weights' names, shapes and bytes: same weights, same version."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:12]
+
+
+def save_model_file(mf: ModelFile, path: str | Path) -> str:
+    """Write ``mf`` to ``path`` (its version is recomputed from the weights). Returns the version."""
+    state = {k: v.detach().cpu().contiguous() for k, v in mf.state_dict.items()}
+    mf.version = weights_version(state)
+    payload = {
+        "format": FORMAT,
+        "arch": mf.arch,
+        "class_names": list(mf.class_names),
+        "in_chans": int(mf.in_chans),
+        "input_size": [int(x) for x in mf.input_size],
+        "mean": [float(x) for x in mf.mean],
+        "std": [float(x) for x in mf.std],
+        "version": mf.version,
+        "state_dict": state,
+        "temperature": float(mf.temperature),
+        "review_threshold": float(mf.review_threshold),
+        "created_at": mf.created_at or dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "info": mf.info,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return mf.version
+
+
+def resolve_model_path(spec: str) -> str:
+    """``bundled:NAME`` → the packaged file's path; anything else unchanged.
+
+    Raises:
+        ModelFileError: unknown bundled name (the message lists the known ones).
+    """
+    if spec.startswith(BUNDLED_PREFIX):
+        name = spec[len(BUNDLED_PREFIX) :]
+        if name not in BUNDLED:
+            raise ModelFileError(
+                f"unknown bundled model {name!r}; bundled: {', '.join(BUNDLED_PREFIX + n for n in BUNDLED)}"
+            )
+        return str(resources.files("pipeline.assets").joinpath(BUNDLED[name]))
+    return spec
+
+
+def load_model_file(spec: str, *, reader=None) -> ModelFile:
+    """Load a model file from a local path, an ``s3://`` URI or ``bundled:NAME``.
+
+    Uses ``torch.load(..., weights_only=True)``: a file cannot run code when it is loaded.
+
+    Raises:
+        FileNotFoundError: no such file or object.
+        ModelFileError: the file is not an invsort model file, or its fields do not fit together.
+    """
+    path = resolve_model_path(spec)
+    if path.startswith("s3://"):
+        if reader is None:
+            from pipeline.settings import get_settings
+            from pipeline.storage import make_reader
+
+            reader = make_reader(get_settings())
+        source: Any = io.BytesIO(reader.read(path))
+    else:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no such model file: {path}")
+        source = path
+    try:
+        obj = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and unpickler errors all mean "not a model file"
+        raise ModelFileError(f"{spec} is not an invsort model file ({type(exc).__name__}: {exc})"[:500]) from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise ModelFileError(
+            f"{spec} is not an invsort model file (expected format {FORMAT!r}); "
+            "make one with 'invsort train DIR --out MODEL'"
+        )
+    try:
+        mf = ModelFile(
+            arch=str(obj["arch"]),
+            class_names=[str(c) for c in obj["class_names"]],
+            in_chans=int(obj["in_chans"]),
+            input_size=(int(obj["input_size"][0]), int(obj["input_size"][1])),
+            mean=tuple(float(x) for x in obj["mean"]),
+            std=tuple(float(x) for x in obj["std"]),
+            state_dict=dict(obj["state_dict"]),
+            version=str(obj["version"]),
+            temperature=float(obj.get("temperature", 1.0)),
+            review_threshold=float(obj.get("review_threshold", 0.0)),
+            created_at=str(obj.get("created_at", "")),
+            info=dict(obj.get("info", {})),
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ModelFileError(f"{spec} is a damaged invsort model file: missing or bad field {exc}") from None
+    if len(mf.mean) != mf.in_chans or len(mf.std) != mf.in_chans:
+        raise ModelFileError(f"{spec}: mean/std have {len(mf.mean)} values for {mf.in_chans} channels")
+    if len(set(mf.class_names)) != len(mf.class_names) or len(mf.class_names) < 2:
+        raise ModelFileError(f"{spec}: class names must be at least 2 and distinct")
+    mf.name = spec if spec.startswith(BUNDLED_PREFIX) else f"{mf.arch}:{Path(path).stem}"
+    return mf

@@ -1,0 +1,38 @@
+"""The Celery application: JSON only, late acks, one task at a time per worker process.
+
+Built from :func:`pipeline.settings.get_settings` when this module is imported by a worker
+(``celery -A worker.app`` or ``invsort worker``) or by ``invsort submit``; nothing touches CUDA here, so the
+prefork pool forks before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from pipeline.settings import get_settings
+
+
+def make_app() -> Celery:
+    settings = get_settings()
+    app = Celery("invsort", broker=settings.broker_url, include=["worker.tasks"])
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],  # never pickle: a message cannot run code in the worker
+        event_serializer="json",
+        task_ignore_result=True,  # progress lives in SQL (sorting_jobs), not in a result backend
+        task_acks_late=True,  # a batch is acknowledged after its rows are committed
+        task_reject_on_worker_lost=True,  # a worker killed mid-batch → the batch is redelivered
+        worker_prefetch_multiplier=1,  # a worker holds one batch beyond the one it runs
+        task_time_limit=settings.task_time_limit_s,
+        task_soft_time_limit=max(1, settings.task_time_limit_s - 30),
+        task_default_queue="invsort",
+        broker_connection_retry_on_startup=True,
+        # Redis redelivers an unacknowledged task after the visibility timeout: keep it above the time limit.
+        broker_transport_options={"visibility_timeout": max(3600, 2 * settings.task_time_limit_s)},
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+app = make_app()

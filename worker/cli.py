@@ -1,0 +1,396 @@
+"""The ``invsort`` command line: one entry point, a subcommand per job (click)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline.errors import ConfigError, InvsortError
+
+log = logging.getLogger("invsort")
+
+
+def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Known errors become one clear line and exit status 1, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (InvsortError, FileNotFoundError, PermissionError) as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def _settings(**overrides: Any):
+    from pipeline.settings import build_settings
+
+    return build_settings(**overrides)
+
+
+def _parse_size(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        parts = [int(p) for p in value.lower().replace("x", " ").split()]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or not all(8 <= p <= 2048 for p in parts):
+        raise ConfigError(f"--image-size must be N or HxW with sides between 8 and 2048 px, got {value!r}")
+    return parts[0], parts[1]
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """invsort: sort product photos into catalogue categories with a CNN.
+
+    \b
+    Example, on one machine (SQLite, local files):
+      invsort sort examples/images
+    At scale (Redis + Celery workers + PostgreSQL + S3):
+      invsort worker &
+      invsort submit s3://bucket/photos/ --model s3://bucket/models/shoes.pt --wait
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("source")
+@click.option("--model", "model", default=None, help="Model file: path, s3:// URI or bundled:NAME "
+              "[default: INVSORT_MODEL_PATH, else the bundled Fashion-MNIST model].")
+@click.option("--db", "database_url", default=None, help="Catalog database URL [default: INVSORT_DATABASE_URL, "
+              "else sqlite:///./invsort.db].")
+@click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 64].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where inference runs.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Sort at most this many images.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@_handle_errors
+def sort(source: str, model: str | None, database_url: str | None, batch_size: int | None, device: str | None,
+         limit: int | None, no_progress: bool) -> None:
+    """Sort every image of SOURCE in this process (no Redis) and write the catalog.
+
+    SOURCE is a local folder (walked recursively), file://DIR, s3://bucket/prefix, or a manifest
+    (.csv or .jsonl with item_id,image_uri columns). The folder named here may be read even when it is not
+    in INVSORT_LOCAL_ROOTS. The database is migrated to the latest schema first.
+
+    \b
+    Example:
+      invsort sort examples/images
+      invsort sort ./photos --model shoes.pt --db postgresql://user@host/catalog
+    """
+    from tqdm import tqdm
+
+    from db.migrate import upgrade
+    from pipeline.sorting import sort_source
+
+    settings = _settings(database_url=database_url, batch_size=batch_size, device=device)
+    upgrade(settings.database_url)
+    bar = tqdm(desc="sorting", unit="img", disable=no_progress, total=limit, dynamic_ncols=True)
+    outcome = sort_source(source, settings=settings, model_spec=model, limit=limit,
+                          on_progress=lambda rows: bar.update(len(rows)))
+    bar.close()
+    s = outcome.summary
+    click.echo(
+        f"sorted {s.images} images in {s.seconds:.1f} s ({s.images_per_s:.1f} images/s): "
+        f"{s.sorted} sorted, {s.needs_review} needs_review, {s.failed} failed"
+    )
+    click.echo(f"job {outcome.job_id}; results in table catalog_items of {_safe_url(settings.database_url)}")
+    if settings.database_url.startswith("sqlite:///"):
+        db_file = settings.database_url.removeprefix("sqlite:///")
+        click.echo(f"  look: invsort results --db sqlite:///{db_file} --job {outcome.job_id}")
+
+
+@main.command()
+@click.argument("source")
+@click.option("--model", "model", default=None, help="Model file every worker can read: s3:// URI, a path on "
+              "the workers, or bundled:NAME [default: INVSORT_MODEL_PATH].")
+@click.option("--wait", is_flag=True, help="Show a progress bar until the job ends.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Submit at most this many images.")
+@click.option("--items-per-task", type=int, default=None, help="Images per queued task [default: 256].")
+@_handle_errors
+def submit(source: str, model: str | None, wait: bool, limit: int | None, items_per_task: int | None) -> None:
+    """Queue SOURCE for the Celery workers: create the job, list the source, enqueue image-batch tasks.
+
+    \b
+    Example:
+      invsort submit s3://catalogue/photos/ --model s3://catalogue/models/shoes.pt --wait
+    """
+    from db.migrate import ensure_at_head
+    from pipeline.sorting import submit_job
+    from worker.tasks import sort_batch_task
+
+    settings = _settings(items_per_task=items_per_task)
+    ensure_at_head(settings.database_url)
+    model_spec = model or settings.model_path
+
+    def enqueue(job_id: str, batch_no: int, items: list[list[str]]) -> None:
+        sort_batch_task.apply_async(args=(job_id, batch_no, items, model_spec))
+
+    job_id, total, batches = submit_job(source, settings=settings, model_spec=model_spec, enqueue=enqueue,
+                                        limit=limit)
+    click.echo(f"job {job_id}: {total} images in {batches} tasks queued")
+    if wait:
+        ok = _wait(job_id, settings.database_url, total)
+        sys.exit(0 if ok else 1)
+
+
+def _wait(job_id: str, url: str, total: int, poll_s: float = 0.5) -> bool:
+    from tqdm import tqdm
+
+    from db.catalog import get_job
+    from db.session import session_scope
+
+    bar = tqdm(total=total, desc="sorting", unit="img", dynamic_ncols=True)
+    while True:
+        with session_scope(url) as session:
+            job = get_job(session=session, job_id=job_id)
+        assert job is not None
+        bar.n = job.processed
+        bar.refresh()
+        if job.status in ("done", "failed"):
+            bar.close()
+            click.echo(_job_line(job))
+            return job.status == "done"
+        time.sleep(poll_s)
+
+
+def _job_line(job: Any) -> str:
+    span = ""
+    if job.started_at and job.finished_at:
+        secs = (job.finished_at - job.created_at).total_seconds()
+        span = f", {secs:.1f} s, {job.processed / secs:.1f} images/s" if secs > 0 else ""
+    total = "?" if job.total_items is None else job.total_items
+    line = (f"job {job.id} {job.status}: {job.processed}/{total} images; {job.sorted_count} sorted, "
+            f"{job.needs_review_count} needs_review, {job.failed_count} failed{span}")
+    if job.error:
+        line += f"\n  error: {job.error}"
+    return line
+
+
+@main.command()
+@click.argument("job_id", required=False)
+@click.option("--db", "database_url", default=None, help="Catalog database URL.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_handle_errors
+def status(job_id: str | None, database_url: str | None, as_json: bool) -> None:
+    """Show a job's state and counts (or the latest jobs without JOB_ID).
+
+    \b
+    Example:
+      invsort status 3f1c...e9
+    """
+    from db.catalog import get_job, list_jobs
+    from db.session import session_scope
+
+    settings = _settings(database_url=database_url)
+    with session_scope(settings.database_url) as session:
+        jobs = [get_job(session=session, job_id=job_id)] if job_id else list_jobs(session=session, limit=20)
+    if job_id and jobs[0] is None:
+        raise click.ClickException(f"no job {job_id} in {_safe_url(settings.database_url)}")
+    for job in jobs:
+        if as_json:
+            d = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in vars(job).items()}
+            click.echo(json.dumps(d))
+        else:
+            click.echo(_job_line(job))
+
+
+@main.command()
+@click.option("--db", "database_url", default=None, help="Catalog database URL.")
+@click.option("--job", "job_id", default=None, help="Only this job's rows.")
+@click.option("--limit", type=int, default=20, show_default=True, help="Rows to show (0 = all).")
+@click.option("--csv", "as_csv", is_flag=True, help="Write CSV to stdout.")
+@_handle_errors
+def results(database_url: str | None, job_id: str | None, limit: int, as_csv: bool) -> None:
+    """Show rows of the catalog table (item, category, confidence, status, error).
+
+    \b
+    Example:
+      invsort results --job 3f1c...e9 --csv > sorted.csv
+    """
+    import csv
+    from itertools import islice
+
+    from db.catalog import iter_items
+    from db.session import session_scope
+
+    settings = _settings(database_url=database_url)
+    with session_scope(settings.database_url) as session:
+        rows = iter_items(session=session, job_id=job_id)
+        if limit:
+            rows = islice(rows, limit)
+        if as_csv:
+            w = csv.writer(sys.stdout)
+            w.writerow(["item_id", "category", "confidence", "status", "error", "model_version"])
+            for r in rows:
+                w.writerow([r.item_id, r.category, r.confidence, r.status, r.error, r.model_version])
+            return
+        for r in rows:
+            conf = "" if r.confidence is None else f"{r.confidence:.3f}"
+            what = r.category if r.status != "failed" else f"FAILED: {r.error}"
+            click.echo(f"{r.status:<12} {conf:>5}  {what:<24} {r.item_id}")
+
+
+@main.command()
+@click.option("-c", "--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes (one model each; torch threads are split between them).")
+@click.option("-l", "--loglevel", default="INFO", show_default=True)
+@click.option("-n", "--hostname", default=None, help="Node name (default: invsort@HOST).")
+@_handle_errors
+def worker(concurrency: int, loglevel: str, hostname: str | None) -> None:
+    """Start a Celery worker that pulls image-batch tasks from INVSORT_BROKER_URL.
+
+    \b
+    Example:
+      INVSORT_DATABASE_URL=postgresql://u@db/catalog INVSORT_BROKER_URL=redis://redis:6379/0 invsort worker
+    """
+    from db.migrate import ensure_at_head
+    from pipeline.settings import get_settings
+    from worker.app import app
+
+    ensure_at_head(get_settings().database_url)
+    argv = ["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}", "--pool=prefork",
+            "-Q", "invsort", "--without-gossip", "--without-mingle"]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    app.worker_main(argv)
+
+
+@main.command()
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Model file to write.")
+@click.option("--arch", default="mobilenet_v2", show_default=True, help="Architecture (see 'invsort models').")
+@click.option("--weights", default=None, help="ImageNet weights to start from: a local .pth or s3:// URI.")
+@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak AdamW learning rate.")
+@click.option("--image-size", default=None, help="Input size N or HxW in px [default: the architecture's].")
+@click.option("--grayscale", is_flag=True, help="1-channel input (custom CNN only).")
+@click.option("--freeze-backbone", is_flag=True, help="Train the classifier only (fast; a linear probe).")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Held out per class.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-progress", is_flag=True)
+@_handle_errors
+def train(data_dir: str, out: str, arch: str, weights: str | None, epochs: int, batch_size: int, lr: float,
+          image_size: str | None, grayscale: bool, freeze_backbone: bool, val_fraction: float, seed: int,
+          no_progress: bool) -> None:
+    """Train a model on DATA_DIR (one sub-folder per category) and write a model file.
+
+    \b
+    Example:
+      invsort train photos/ --out shoes.pt --arch mobilenet_v2 \\
+          --weights ../shared/weights/mobilenet_v2_imagenet.pth --epochs 3 --image-size 102x136
+    """
+    from pipeline.training import TrainConfig
+    from pipeline.training import train as run_train
+
+    cfg = TrainConfig(arch=arch, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
+                      image_size=_parse_size(image_size), in_chans=1 if grayscale else 3,
+                      val_fraction=val_fraction, seed=seed, freeze_backbone=freeze_backbone)
+    run_train(data_dir, out, cfg, progress=not no_progress, log_fn=click.echo)
+
+
+@main.command("models")
+def models_cmd() -> None:
+    """List the architectures that --arch accepts, with their default input size."""
+    from pipeline.models import REGISTRY
+
+    for name, spec in sorted(REGISTRY.items()):
+        click.echo(f"{name:<20} {spec.input_size[0]}x{spec.input_size[1]}")
+
+
+@main.command("model-info")
+@click.argument("model")
+@_handle_errors
+def model_info(model: str) -> None:
+    """Show what a model file holds (architecture, classes, input, version, validation accuracy)."""
+    from pipeline.modelfile import load_model_file
+
+    mf = load_model_file(model)
+    click.echo(f"{mf.name}  version {mf.version}  arch {mf.arch}  created {mf.created_at}")
+    click.echo(f"input {mf.input_size[0]}x{mf.input_size[1]}x{mf.in_chans}  mean {mf.mean}  std {mf.std}")
+    click.echo(f"classes ({mf.num_classes}): {', '.join(mf.class_names)}")
+    if "best_val_acc" in mf.info:
+        click.echo(f"validation top-1 accuracy {mf.info['best_val_acc']:.4f}")
+    for k in ("test_accuracy", "test_images"):
+        if k in mf.info:
+            click.echo(f"{k.replace('_', ' ')}: {mf.info[k]}")
+
+
+@main.group()
+def db() -> None:
+    """Catalog database schema (Alembic migrations)."""
+
+
+@db.command("upgrade")
+@click.option("--db", "database_url", default=None, help="Catalog database URL.")
+@_handle_errors
+def db_upgrade(database_url: str | None) -> None:
+    """Migrate the catalog database to the latest schema (creates the tables on an empty one)."""
+    from db.migrate import current_revision, upgrade
+
+    settings = _settings(database_url=database_url)
+    upgrade(settings.database_url)
+    click.echo(f"{_safe_url(settings.database_url)} at revision {current_revision(settings.database_url)}")
+
+
+@db.command("current")
+@click.option("--db", "database_url", default=None, help="Catalog database URL.")
+@_handle_errors
+def db_current(database_url: str | None) -> None:
+    """Print the database's schema revision and the latest one."""
+    from db.migrate import current_revision, head_revision
+
+    settings = _settings(database_url=database_url)
+    click.echo(f"current {current_revision(settings.database_url)}, head {head_revision()}")
+
+
+@main.group()
+def data() -> None:
+    """Photo sets: export Fashion-MNIST as folders of PNG files."""
+
+
+@data.command("fashion-mnist")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
+@click.option("--idx-dir", type=click.Path(file_okay=False), default="/usr/share/datasets/fashion-mnist",
+              show_default=True, help="Folder of the idx(.gz) files (Debian: dataset-fashion-mnist).")
+@click.option("--limit", type=int, default=None, help="Write at most this many images.")
+@click.option("--every", type=click.IntRange(min=1), default=1, help="Keep one image in N.")
+@_handle_errors
+def data_fashion_mnist(out: str, split: str, idx_dir: str, limit: int | None, every: int) -> None:
+    """Write Fashion-MNIST's SPLIT as OUT/<Class>/<split>_<index>.png (folder per category).
+
+    \b
+    Example:
+      invsort data fashion-mnist /tmp/fmnist/train --split train
+    """
+    from pipeline.fashion_mnist import export_png_tree
+
+    n = export_png_tree(out, split, idx_dir=Path(idx_dir), limit=limit, every=every)
+    click.echo(f"wrote {n} images to {out}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
