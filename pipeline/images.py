@@ -80,7 +80,9 @@ def decode_image(
     try:
         img = cv2.imdecode(buf, flag)
     except cv2.error as exc:
-        raise ImageError(f"not a decodable image: {str(exc).strip().splitlines()[-1]}"[:300]) from None
+        if "CV_IO_MAX_IMAGE_PIXELS" in str(exc):
+            raise ImageError(f"image dimensions too large: {_why_undecodable(data)}"[:300]) from None
+        raise ImageError(_why_undecodable(data)) from None
     if img is None or img.size == 0:
         raise ImageError(_why_undecodable(data))
     h, w = img.shape[:2]

@@ -65,7 +65,7 @@ def weights_version(state_dict: dict[str, torch.Tensor]) -> str:
         t = state_dict[key].detach().cpu().contiguous()
         h.update(key.encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:12]
 
 

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
         256, description="Images in one Celery image-batch task submitted by 'invsort submit' (1..100000)."
     )
     task_time_limit_s: int = Field(600, description="Hard time limit of one image-batch task, seconds.")
+    visibility_timeout_s: int = Field(
+        3600,
+        description="Seconds before Redis hands an unacknowledged task (its worker died) to another worker; "
+        "keep it above the longest task (10..604800).",
+    )
     fetch_timeout_s: float = Field(30.0, description="Timeout of one S3 read, seconds.")
     max_image_bytes: int = Field(50 * 1024 * 1024, description="Larger encoded images fail, bytes.")
     max_image_pixels: int = Field(
@@ -69,6 +74,13 @@ class Settings(BaseSettings):
     def _items_per_task(cls, v: int) -> int:
         if not 1 <= v <= 100_000:
             raise ValueError(f"INVSORT_ITEMS_PER_TASK must be between 1 and 100000, got {v}")
+        return v
+
+    @field_validator("visibility_timeout_s")
+    @classmethod
+    def _visibility(cls, v: int) -> int:
+        if not 1 <= v <= 604_800:
+            raise ValueError(f"INVSORT_VISIBILITY_TIMEOUT_S must be between 1 and 604800 seconds, got {v}")
         return v
 
     @field_validator("decode_workers")

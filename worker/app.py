@@ -28,8 +28,9 @@ def make_app() -> Celery:
         task_soft_time_limit=max(1, settings.task_time_limit_s - 30),
         task_default_queue="invsort",
         broker_connection_retry_on_startup=True,
-        # Redis redelivers an unacknowledged task after the visibility timeout: keep it above the time limit.
-        broker_transport_options={"visibility_timeout": max(3600, 2 * settings.task_time_limit_s)},
+        # Redis hands a dead worker's unacknowledged task to another after the visibility timeout; a running
+        # task older than it is handed out again too (harmless: tasks are idempotent, but wasted work).
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         worker_hijack_root_logger=False,
     )
     return app

@@ -1,0 +1,376 @@
+"""Reads and writes of the catalog and of sorting jobs, on SQLite and PostgreSQL.
+
+Every function takes the :class:`~sqlalchemy.orm.Session` as a keyword argument and runs inside the
+caller's transaction: nothing here commits. Writes are single SQL statements that are safe when many workers
+run them at once on PostgreSQL (counters are incremented in SQL, never read-modify-written in Python).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Insert, func, literal, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from db.models import CatalogItem, SortingJob, SortingJobBatch, UTCDateTime
+from pipeline.errors import InvsortError
+from pipeline.records import ItemResult
+
+__all__ = [
+    "CatalogRow",
+    "JobNotFoundError",
+    "JobStateError",
+    "JobStatus",
+    "complete_job_if_done",
+    "create_job",
+    "fail_job",
+    "finish_listing",
+    "get_job",
+    "iter_items",
+    "list_jobs",
+    "record_batch",
+    "upsert_items",
+]
+
+_items = CatalogItem.__table__
+_jobs = SortingJob.__table__
+_batches = SortingJobBatch.__table__
+
+_ITEM_COLUMNS = tuple(c.name for c in _items.columns)
+_RESULT_FIELDS = tuple(f.name for f in fields(ItemResult))
+
+
+class JobNotFoundError(InvsortError, LookupError):
+    """No sorting job has the given id."""
+
+
+class JobStateError(InvsortError):
+    """The job is not in a state that allows the requested change."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    """A snapshot of one ``sorting_jobs`` row."""
+
+    id: str
+    source: str
+    model_path: str
+    model_name: str
+    model_version: str
+    status: str
+    total_items: int | None
+    total_batches: int | None
+    batches_done: int
+    sorted_count: int
+    needs_review_count: int
+    failed_count: int
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+    @property
+    def processed(self) -> int:
+        """Items with a result so far: sorted + needs_review + failed."""
+        return self.sorted_count + self.needs_review_count + self.failed_count
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogRow:
+    """One ``catalog_items`` row as read back: an :class:`ItemResult` plus when it was written."""
+
+    item_id: str
+    image_uri: str
+    status: str
+    category: str | None
+    confidence: float | None
+    topk: list[list[str | float]]
+    error: str | None
+    model_name: str | None
+    model_version: str | None
+    job_id: str | None
+    updated_at: datetime
+
+    def to_result(self) -> ItemResult:
+        """The row as the :class:`ItemResult` that was written (without ``updated_at``)."""
+        return ItemResult(**{name: getattr(self, name) for name in _RESULT_FIELDS})
+
+
+_JOB_FIELDS = tuple(f.name for f in fields(JobStatus))
+_ROW_FIELDS = tuple(f.name for f in fields(CatalogRow))
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _insert(session: Session, table: Any) -> Insert:
+    """The dialect's INSERT (which has ``on_conflict_do_update``) for the session's database."""
+    name = session.get_bind().dialect.name
+    if name == "postgresql":
+        return postgresql.insert(table)
+    if name == "sqlite":
+        return sqlite.insert(table)
+    raise InvsortError(f"unsupported database dialect {name!r}: use SQLite or PostgreSQL")
+
+
+def upsert_items(*, session: Session, rows: Sequence[ItemResult]) -> int:
+    """Insert or replace the catalog rows of ``rows``, keyed by ``item_id``, in one batched statement.
+
+    ``INSERT ... ON CONFLICT (item_id) DO UPDATE`` sets every column of an existing row to the new values,
+    with one ``updated_at`` (now, UTC) for the whole call. If ``rows`` names an item more than once, its last
+    result wins. Runs in the caller's transaction and does not commit; an empty ``rows`` does nothing.
+
+    Returns:
+        The number of distinct items written.
+
+    Raises:
+        sqlalchemy.exc.IntegrityError: a row breaks a constraint (e.g. an unknown ``status``).
+        InvsortError: the session is not bound to SQLite or PostgreSQL.
+    """
+    if not rows:
+        return 0
+    now = _now()
+    # Last result per item: one statement must not touch the same row twice (PostgreSQL refuses it).
+    by_id: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        by_id[r.item_id] = {
+            "item_id": r.item_id,
+            "image_uri": r.image_uri,
+            "category": r.category,
+            "confidence": r.confidence,
+            "topk": [list(pair) for pair in r.topk],
+            "model_name": r.model_name,
+            "model_version": r.model_version,
+            "status": r.status,
+            "error": r.error,
+            "job_id": r.job_id,
+            "updated_at": now,
+        }
+    stmt = _insert(session, _items)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[_items.c.item_id],
+        set_={name: stmt.excluded[name] for name in _ITEM_COLUMNS if name != "item_id"},
+    )
+    # A list of parameter sets: one executemany (batched by the driver / SQLAlchemy), not a statement per row.
+    session.execute(stmt, list(by_id.values()))
+    return len(by_id)
+
+
+def create_job(
+    *,
+    session: Session,
+    source: str,
+    model_path: str,
+    model_name: str,
+    model_version: str,
+    job_id: str | None = None,
+) -> str:
+    """Insert a new sorting job in status ``listing``, created now.
+
+    Returns:
+        The job's id: ``job_id`` if given, else a new uuid4 string.
+
+    Raises:
+        sqlalchemy.exc.IntegrityError: a job with ``job_id`` already exists.
+    """
+    job_id = job_id or str(uuid.uuid4())
+    now = _now()
+    session.execute(
+        _jobs.insert().values(
+            id=job_id,
+            source=source,
+            model_path=model_path,
+            model_name=model_name,
+            model_version=model_version,
+            status="listing",
+            batches_done=0,
+            sorted_count=0,
+            needs_review_count=0,
+            failed_count=0,
+            created_at=now,
+            updated_at=now,
+        )
+    )
+    return job_id
+
+
+def record_batch(
+    *,
+    session: Session,
+    job_id: str,
+    batch_no: int,
+    sorted_count: int,
+    needs_review_count: int,
+    failed_count: int,
+) -> None:
+    """Record the counts of one finished batch of a job and add them to the job's counters, exactly once.
+
+    The first call for ``(job_id, batch_no)`` stores the batch and adds its counts and 1 to ``batches_done``.
+    A later call for the same batch (a redelivered task) replaces the stored counts and adds only the
+    difference, leaving ``batches_done`` alone. Counters are incremented in SQL (``x = x + :delta``), so
+    concurrent workers on PostgreSQL never lose an update. Sets the job's ``started_at`` if it is not set yet.
+    Runs in the caller's transaction and does not commit. Returns None.
+
+    Raises:
+        ValueError: a count is negative.
+        sqlalchemy.exc.IntegrityError: no job has ``job_id`` (foreign key).
+        JobNotFoundError: no job has ``job_id`` (where the foreign key did not already say so).
+    """
+    counts = {
+        "sorted_count": sorted_count,
+        "needs_review_count": needs_review_count,
+        "failed_count": failed_count,
+    }
+    if any(v < 0 for v in counts.values()):
+        raise ValueError(f"batch counts must not be negative, got {counts}")
+    now = _now()
+    key = (_batches.c.job_id == job_id) & (_batches.c.batch_no == batch_no)
+
+    # Write first (no read snapshot to go stale on SQLite); on PostgreSQL a concurrent delivery of the same
+    # batch waits here for the first one to commit and then sees the conflict.
+    ins = _insert(session, _batches).values(job_id=job_id, batch_no=batch_no, updated_at=now, **counts)
+    ins = ins.on_conflict_do_nothing(index_elements=[_batches.c.job_id, _batches.c.batch_no])
+    first = session.execute(ins.returning(_batches.c.batch_no)).first() is not None
+
+    if first:
+        delta = counts
+    else:
+        old = session.execute(
+            select(_batches.c.sorted_count, _batches.c.needs_review_count, _batches.c.failed_count)
+            .where(key)
+            .with_for_update()
+        ).one()
+        delta = {name: counts[name] - old._mapping[name] for name in counts}
+        session.execute(update(_batches).where(key).values(updated_at=now, **counts))
+
+    now_param = literal(now, UTCDateTime())
+    result = session.execute(
+        update(_jobs)
+        .where(_jobs.c.id == job_id)
+        .values(
+            batches_done=_jobs.c.batches_done + (1 if first else 0),
+            started_at=func.coalesce(_jobs.c.started_at, now_param),
+            updated_at=now_param,
+            **{name: _jobs.c[name] + d for name, d in delta.items()},
+        )
+    )
+    if result.rowcount != 1:
+        raise JobNotFoundError(f"no sorting job {job_id!r}")
+
+
+def finish_listing(*, session: Session, job_id: str, total_items: int, total_batches: int) -> None:
+    """Mark the listing of a job as finished: set its totals and move it from ``listing`` to ``running``.
+
+    Call :func:`complete_job_if_done` after committing: the batches may all be done already. Returns None.
+
+    Raises:
+        JobNotFoundError: no job has ``job_id``.
+        JobStateError: the job is not in status ``listing``.
+        ValueError: a total is negative.
+    """
+    if total_items < 0 or total_batches < 0:
+        raise ValueError(f"totals must not be negative, got {total_items} items, {total_batches} batches")
+    result = session.execute(
+        update(_jobs)
+        .where(_jobs.c.id == job_id, _jobs.c.status == "listing")
+        .values(status="running", total_items=total_items, total_batches=total_batches, updated_at=_now())
+    )
+    if result.rowcount != 1:
+        status = session.execute(select(_jobs.c.status).where(_jobs.c.id == job_id)).scalar_one_or_none()
+        if status is None:
+            raise JobNotFoundError(f"no sorting job {job_id!r}")
+        raise JobStateError(f"job {job_id} is {status!r}, not 'listing': its listing cannot finish again")
+
+
+def complete_job_if_done(*, session: Session, job_id: str) -> bool:
+    """Mark the job ``done`` if its listing has finished and all its batches are recorded.
+
+    One conditional UPDATE (``status='running' AND batches_done >= total_batches``), so when the submitter and
+    workers call it concurrently, each in its own transaction after committing their own work, exactly one
+    call completes the job. Does not commit.
+
+    Returns:
+        True if this call moved the job to ``done``; False if it is not finished yet, already done or failed,
+        or does not exist.
+    """
+    now = _now()
+    result = session.execute(
+        update(_jobs)
+        .where(
+            _jobs.c.id == job_id,
+            _jobs.c.status == "running",
+            _jobs.c.total_batches.is_not(None),
+            _jobs.c.batches_done >= _jobs.c.total_batches,
+        )
+        .values(status="done", finished_at=now, updated_at=now)
+    )
+    return result.rowcount == 1
+
+
+def fail_job(*, session: Session, job_id: str, error: str) -> bool:
+    """Mark a job that is still ``listing`` or ``running`` as ``failed`` with ``error``, finished now.
+
+    A job that is already ``done`` or ``failed`` is left as it is. Does not commit.
+
+    Returns:
+        True if this call marked the job failed, False otherwise (finished already, or no such job).
+    """
+    now = _now()
+    result = session.execute(
+        update(_jobs)
+        .where(_jobs.c.id == job_id, _jobs.c.status.in_(("listing", "running")))
+        .values(status="failed", error=error, finished_at=now, updated_at=now)
+    )
+    return result.rowcount == 1
+
+
+def _job_status(row: Any) -> JobStatus:
+    m = row._mapping
+    return JobStatus(**{name: m[name] for name in _JOB_FIELDS})
+
+
+def get_job(*, session: Session, job_id: str) -> JobStatus | None:
+    """The current state of one job.
+
+    Returns:
+        A :class:`JobStatus`, or None if no job has ``job_id``.
+    """
+    row = session.execute(select(_jobs).where(_jobs.c.id == job_id)).first()
+    return None if row is None else _job_status(row)
+
+
+def list_jobs(*, session: Session, limit: int = 20) -> list[JobStatus]:
+    """The ``limit`` most recently created jobs.
+
+    Returns:
+        A list of :class:`JobStatus`, newest first.
+    """
+    rows = session.execute(select(_jobs).order_by(_jobs.c.created_at.desc(), _jobs.c.id).limit(limit))
+    return [_job_status(row) for row in rows]
+
+
+def iter_items(*, session: Session, job_id: str | None = None, chunk: int = 1000) -> Iterator[CatalogRow]:
+    """Stream catalog rows ordered by ``item_id``, all of them or those last written by ``job_id``.
+
+    Rows are fetched ``chunk`` at a time (a server-side cursor on PostgreSQL), so memory stays flat for
+    exports of any size. Consume the iterator inside the session's transaction.
+
+    Yields:
+        One :class:`CatalogRow` per catalog item.
+    """
+    stmt = select(*(_items.c[name] for name in _ROW_FIELDS)).order_by(_items.c.item_id)
+    if job_id is not None:
+        stmt = stmt.where(_items.c.job_id == job_id)
+    result = session.execute(stmt.execution_options(yield_per=chunk))
+    try:
+        for row in result:
+            yield CatalogRow(*row)
+    finally:
+        result.close()

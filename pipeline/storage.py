@@ -1,0 +1,817 @@
+"""Where image bytes come from: local files under configured roots, S3 objects, and source listings.
+
+URIs
+    Local files are ``file:///abs/path`` URIs as written by :meth:`pathlib.Path.as_uri` (percent-encoded;
+    read back with :func:`local_path`). S3 objects are ``s3://bucket/key`` with the key raw, not
+    percent-encoded, as the AWS CLI writes them (a key may contain spaces, ``?``, ``#`` or ``%``).
+
+Storages
+    :class:`LocalStorage` and :class:`S3Storage` implement :class:`Storage` (``read`` and ``list``);
+    :class:`ObjectReader` dispatches on the URI scheme and creates the S3 client only on first S3 use,
+    so local-only runs never look for AWS credentials. Build one with :func:`make_reader`.
+
+Sources
+    :func:`iter_source` streams the :class:`~pipeline.records.Item` s of a job from a local directory,
+    an S3 prefix or a ``.csv`` / ``.jsonl`` manifest (local or on S3).
+
+Errors raised here are builtin ``OSError`` subclasses (``FileNotFoundError``, ``PermissionError``,
+``OSError``), :class:`~pipeline.errors.SourceError`, or :class:`TooLargeError`; no botocore exception
+type leaves this module.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import posixpath
+import re
+import stat
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from urllib.parse import unquote_to_bytes
+
+from pipeline.errors import ConfigError, ImageError, SourceError
+from pipeline.records import Item
+
+if TYPE_CHECKING:
+    from pipeline.settings import Settings
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "IMAGE_SUFFIXES",
+    "MANIFEST_SUFFIXES",
+    "LocalStorage",
+    "ObjectReader",
+    "S3Storage",
+    "Storage",
+    "TooLargeError",
+    "is_image_name",
+    "iter_manifest",
+    "iter_source",
+    "local_path",
+    "make_reader",
+    "parse_s3_uri",
+    "to_uri",
+]
+
+DEFAULT_MAX_BYTES = 50 * 1024 * 1024
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson")
+ROOTS_SETTING = "INVSORT_LOCAL_ROOTS"
+
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+_VALID_SOURCES = (
+    "a local directory, file://DIR, s3://bucket/prefix, or a .csv/.jsonl manifest (local path or s3:// URI)"
+)
+
+
+class TooLargeError(ImageError):
+    """An object is larger than the configured limit (``INVSORT_MAX_IMAGE_BYTES``).
+
+    A :class:`~pipeline.errors.ImageError` (so a ``ValueError`` and an ``InvsortError``): the item fails,
+    with this message as the reason.
+    """
+
+
+# --------------------------------------------------------------------------------------------- URIs
+
+
+def _scheme(uri: str) -> str | None:
+    """The lower-cased scheme of ``scheme://...`` (or ``file:/...``), None for a plain path."""
+    m = _SCHEME_RE.match(uri)
+    if m:
+        return m.group(1).lower()
+    if uri[:6].lower() == "file:/":
+        return "file"
+    return None
+
+
+def _unsupported_scheme(uri: str, scheme: str) -> SourceError:
+    return SourceError(f"unsupported URI scheme {scheme!r} in {uri!r}: use file:// paths or s3://bucket/key")
+
+
+def is_image_name(name: str) -> bool:
+    """True when ``name`` (a file name or S3 key) ends in an image suffix, case-insensitively."""
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def local_path(uri: str) -> Path:
+    """The absolute local path of a ``file://`` URI, or of a plain (relative or absolute) path.
+
+    Percent-escapes are decoded to bytes and then to a path with the file system encoding, so every name
+    written by :meth:`Path.as_uri` (spaces, parentheses, unicode, even non-UTF-8 bytes) round-trips.
+    Plain paths are made absolute with :func:`os.path.abspath` (symlinks are not resolved).
+
+    Raises:
+        SourceError: ``uri`` has another scheme, or a ``file://`` URI names a host other than localhost.
+    """
+    scheme = _scheme(uri)
+    if scheme is None:
+        return Path(os.path.abspath(uri))
+    if scheme != "file":
+        raise _unsupported_scheme(uri, scheme)
+    rest = uri[len("file:") :]
+    if rest.startswith("//"):
+        host, sep, path = rest[2:].partition("/")
+        if host not in ("", "localhost"):
+            raise SourceError(f"file URI {uri!r} names host {host!r}: only local files can be read")
+        rest = sep + path
+    if not rest.startswith("/"):
+        raise SourceError(f"file URI {uri!r} has no absolute path")
+    return Path(os.path.abspath(os.fsdecode(unquote_to_bytes(rest))))
+
+
+def to_uri(path_or_uri: str) -> str:
+    """A URI for ``path_or_uri``: URIs (``scheme://...``) unchanged, a plain path its ``file://`` URI.
+
+    Plain paths are made absolute with :func:`os.path.abspath` first and percent-encoded by
+    :meth:`Path.as_uri`.
+    """
+    if _scheme(path_or_uri) is not None:
+        return path_or_uri
+    return Path(os.path.abspath(path_or_uri)).as_uri()
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``(bucket, key)`` of ``s3://bucket/key``; the key is raw (no percent-decoding) and may be empty.
+
+    Raises:
+        SourceError: not an ``s3://`` URI, or no bucket name.
+    """
+    if _scheme(uri) != "s3":
+        raise SourceError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise SourceError(f"S3 URI {uri!r} has no bucket: use s3://bucket/key")
+    return bucket, key
+
+
+# ------------------------------------------------------------------------------------------ protocol
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Something image bytes can be read from and listed in."""
+
+    def read(self, uri: str) -> bytes:
+        """The whole content of the object at ``uri``."""
+        ...
+
+    def list(self, prefix_uri: str) -> Iterator[str]:
+        """Stream the URIs of the image objects under ``prefix_uri``, in a deterministic order."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------- local
+
+
+class LocalStorage:
+    """Local files, confined to a set of root directories.
+
+    Every path is resolved with :func:`os.path.realpath` (symlinks and ``..`` included) before it is
+    checked against the roots, so a symlink that points out of a root is refused like any other path
+    outside. With no roots every local access is refused.
+    """
+
+    def __init__(self, roots: Sequence[Path | str], *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.roots: tuple[str, ...] = tuple(dict.fromkeys(os.path.realpath(r) for r in roots))
+        self.max_bytes = max_bytes
+
+    def __repr__(self) -> str:
+        return f"LocalStorage(roots={list(self.roots)!r}, max_bytes={self.max_bytes})"
+
+    def check(self, path: Path | str) -> str:
+        """The real path of ``path`` when it lies inside one of the roots (the file need not exist).
+
+        Raises:
+            PermissionError: it is outside every root (the message names the path, the roots and the
+                setting ``INVSORT_LOCAL_ROOTS``).
+        """
+        path = os.fspath(path)
+        real = os.path.realpath(path)
+        for root in self.roots:
+            if os.path.commonpath([real, root]) == root:
+                return real
+        shown = path if real == path else f"{path} (resolves to {real})"
+        if not self.roots:
+            raise PermissionError(
+                f"local file access refused for {shown}: no local roots are configured; "
+                f"set {ROOTS_SETTING} to the directories images may be read from"
+            )
+        raise PermissionError(
+            f"local file access refused for {shown}: it is outside the local roots "
+            f"({', '.join(self.roots)}); add its directory to {ROOTS_SETTING}"
+        )
+
+    def read(self, uri: str) -> bytes:
+        """The bytes of the file at ``uri`` (a ``file://`` URI or a plain path).
+
+        Raises:
+            PermissionError: the file is outside the roots (checked before anything else).
+            FileNotFoundError: ``no such file: PATH``.
+            IsADirectoryError: the path is a directory.
+            TooLargeError: the file is larger than ``max_bytes`` (checked with stat before reading).
+            SourceError: ``uri`` is not a local URI.
+        """
+        path = local_path(uri)
+        real = self.check(path)
+        try:
+            st = os.stat(real)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such file: {path}") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(f"is a directory, not a file: {path}")
+        if st.st_size > self.max_bytes:
+            raise TooLargeError(
+                f"file is {st.st_size} bytes, more than the limit of {self.max_bytes}: {path}"
+            )
+        try:
+            fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such file: {path}") from None
+        with open(fd, "rb") as f:
+            data = f.read(self.max_bytes + 1)
+        if len(data) > self.max_bytes:  # grew after the stat
+            raise TooLargeError(f"file is more than the limit of {self.max_bytes} bytes: {path}")
+        return data
+
+    def open_text(self, uri: str, *, newline: str | None = None) -> io.TextIOWrapper:
+        """The file at ``uri`` opened for reading as UTF-8 text (a leading BOM is dropped); no size limit.
+
+        Raises:
+            PermissionError: outside the roots.
+            FileNotFoundError: ``no such file: PATH``.
+            IsADirectoryError: the path is a directory.
+        """
+        path = local_path(uri)
+        real = self.check(path)
+        try:
+            return open(real, encoding="utf-8-sig", newline=newline)  # noqa: SIM115
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such file: {path}") from None
+        except IsADirectoryError:
+            raise IsADirectoryError(f"is a directory, not a file: {path}") from None
+
+    def list(self, prefix_uri: str) -> Iterator[str]:
+        """Stream the ``file://`` URIs of the image files under a directory, recursively.
+
+        Depth first; at each level the files (sorted by name) come before the subdirectories (sorted by
+        name); only one directory level is held in memory at a time. Only names with an image suffix
+        (:data:`IMAGE_SUFFIXES`, any case) are yielded; names starting with ``.`` (files and directories)
+        are skipped; symlinked directories are not followed. URIs are built from the directory as given
+        (made absolute, symlinks not resolved); :meth:`read` checks each file again.
+
+        The directory is checked when this is called, not on the first ``next()``.
+
+        Raises:
+            PermissionError: the directory is outside the roots.
+            FileNotFoundError: ``no such directory: PATH``.
+            SourceError: the path is a file, not a directory.
+            OSError: a subdirectory cannot be read while walking.
+        """
+        top = local_path(prefix_uri)
+        real = self.check(top)
+        if not os.path.exists(real):
+            raise FileNotFoundError(f"no such directory: {top}")
+        if not os.path.isdir(real):
+            raise SourceError(f"not a directory: {top}")
+        return self._walk(str(top))
+
+    @staticmethod
+    def _walk(top: str) -> Iterator[str]:
+        def _raise(exc: OSError) -> None:
+            raise exc
+
+        for dirpath, dirnames, filenames in os.walk(top, onerror=_raise):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if not name.startswith(".") and is_image_name(name):
+                    yield Path(dirpath, name).as_uri()
+
+
+# ------------------------------------------------------------------------------------------------ S3
+
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+_DENIED_CODES = frozenset(
+    {
+        "AccessDenied",
+        "403",
+        "Forbidden",
+        "AllAccessDisabled",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "AccountProblem",
+    }
+)
+
+
+def _translate(exc: Exception, uri: str, op: str) -> Exception:
+    """The builtin/invsort exception for a botocore exception ``exc`` raised by ``op`` on ``uri``."""
+    from botocore.exceptions import ClientError, NoCredentialsError, ParamValidationError
+
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {}) or {}
+        code = str(err.get("Code", "") or "")
+        status = (exc.response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode")
+        message = str(err.get("Message", "") or "").strip()
+        detail = f"{code or 'error'} (HTTP {status})" + (f": {message}" if message else "")
+        if code == "NoSuchBucket":
+            bucket = err.get("BucketName") or _bucket_of(uri)
+            return FileNotFoundError(f"no such bucket: {bucket} (reading {uri})")
+        if code in _NOT_FOUND_CODES or (status == 404 and not code.startswith("NoSuch")):
+            return FileNotFoundError(f"no such object: {uri}")
+        if code in _DENIED_CODES or status == 403:
+            return PermissionError(f"S3 {op} on {uri} refused: {detail}")
+        return OSError(f"S3 {op} on {uri} failed: {detail}")
+    if isinstance(exc, NoCredentialsError):
+        return OSError(
+            f"S3 {op} on {uri} failed: NoCredentialsError: no AWS credentials found; set "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
+        )
+    if isinstance(exc, ParamValidationError):
+        return SourceError(f"invalid S3 request for {uri}: {exc}")
+    return OSError(f"S3 {op} on {uri} failed: {type(exc).__name__}: {exc}")
+
+
+def _bucket_of(uri: str) -> str:
+    return uri[len("s3://") :].partition("/")[0] if uri.startswith("s3://") else uri
+
+
+def _botocore_errors() -> tuple[type[Exception], ...]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (ClientError, BotoCoreError)
+
+
+def _hidden(relative_key: str) -> bool:
+    return any(part.startswith(".") for part in relative_key.split("/"))
+
+
+class S3Storage:
+    """S3 (or an S3-compatible endpoint) through one thread-safe boto3 client.
+
+    Credentials and region come from boto3's usual chain (environment, profile, instance role); with no
+    region configured anywhere, ``us-east-1`` is used. Requests are retried (standard mode, 5 attempts).
+    """
+
+    def __init__(
+        self,
+        client: Any = None,
+        *,
+        endpoint_url: str | None = None,
+        timeout_s: float = 30.0,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        page_size: int | None = None,
+    ) -> None:
+        """``client``: a ready boto3 S3 client (then ``endpoint_url`` and ``timeout_s`` are unused).
+        ``page_size``: keys per ``ListObjectsV2`` page (None: the service's default, 1000).
+
+        Raises:
+            ConfigError: the client cannot be created (unknown AWS profile, invalid endpoint URL).
+        """
+        if client is None:
+            client = self._make_client(endpoint_url, timeout_s)
+        self.client = client
+        self.max_bytes = max_bytes
+        self.page_size = page_size
+
+    @staticmethod
+    def _make_client(endpoint_url: str | None, timeout_s: float) -> Any:
+        import boto3.session
+        import botocore.config
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            session = boto3.session.Session()
+            config = botocore.config.Config(
+                connect_timeout=timeout_s,
+                read_timeout=timeout_s,
+                retries={"max_attempts": 5, "mode": "standard"},
+                max_pool_connections=32,
+            )
+            return session.client(
+                "s3",
+                endpoint_url=endpoint_url or None,
+                region_name=session.region_name or "us-east-1",
+                config=config,
+            )
+        except (BotoCoreError, ValueError) as exc:
+            raise ConfigError(
+                f"cannot create the S3 client (INVSORT_S3_ENDPOINT_URL={endpoint_url!r}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    def read(self, uri: str) -> bytes:
+        """The bytes of the object at ``s3://bucket/key``.
+
+        Raises:
+            FileNotFoundError: ``no such object: URI`` or ``no such bucket: BUCKET ...``.
+            PermissionError: access denied (403, bad credentials).
+            TooLargeError: ``ContentLength`` is larger than ``max_bytes`` (the body is not read).
+            SourceError: not a valid ``s3://bucket/key`` URI.
+            OSError: any other S3 or network error; the message has the S3 error code.
+        """
+        bucket, key = parse_s3_uri(uri)
+        if not key:
+            raise SourceError(f"S3 URI {uri!r} has no key: use s3://bucket/key")
+        try:
+            resp = self.client.get_object(Bucket=bucket, Key=key)
+        except _botocore_errors() as exc:
+            raise _translate(exc, uri, "GetObject") from exc
+        body = resp["Body"]
+        try:
+            size = resp.get("ContentLength")
+            if size is not None and size > self.max_bytes:
+                raise TooLargeError(f"object is {size} bytes, more than the limit of {self.max_bytes}: {uri}")
+            data = body.read(self.max_bytes + 1)
+            if len(data) > self.max_bytes:
+                raise TooLargeError(f"object is more than the limit of {self.max_bytes} bytes: {uri}")
+            return data
+        except _botocore_errors() as exc:
+            raise _translate(exc, uri, "GetObject") from exc
+        finally:
+            body.close()
+
+    def iter_lines(self, uri: str) -> Iterator[bytes]:
+        """Stream the lines of the object at ``uri`` (line endings kept); no size limit.
+
+        The URI is checked when this is called; the ``GetObject`` request is made on the first
+        ``next()``, and the connection is released when the iterator is exhausted or closed.
+
+        Raises:
+            SourceError: not a valid ``s3://bucket/key`` URI (at call time).
+            FileNotFoundError, PermissionError, OSError: like :meth:`read`, while iterating.
+        """
+        bucket, key = parse_s3_uri(uri)
+        if not key:
+            raise SourceError(f"S3 URI {uri!r} has no key: use s3://bucket/key")
+        return self._lines(bucket, key, uri)
+
+    def _lines(self, bucket: str, key: str, uri: str) -> Iterator[bytes]:
+        try:
+            body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
+        except _botocore_errors() as exc:
+            raise _translate(exc, uri, "GetObject") from exc
+        try:
+            yield from body.iter_lines(chunk_size=64 * 1024, keepends=True)
+        except _botocore_errors() as exc:
+            raise _translate(exc, uri, "GetObject") from exc
+        finally:
+            body.close()
+
+    def list(self, prefix_uri: str) -> Iterator[str]:
+        """Stream the ``s3://bucket/key`` URIs of the image objects whose keys start with the prefix.
+
+        Plain S3 prefix semantics (``s3://b/photos`` also matches ``photos2/...``; :func:`iter_source`
+        adds the trailing ``/``). Pages of ``ListObjectsV2`` are fetched as the iterator is consumed;
+        keys come in S3's (UTF-8 binary) order. Only keys with an image suffix are yielded; "directory
+        marker" keys ending in ``/`` are skipped, and so are keys with a path segment below the prefix
+        that starts with ``.`` (like hidden files in :meth:`LocalStorage.list`).
+
+        Raises (while iterating):
+            FileNotFoundError: ``no such bucket: BUCKET ...``.
+            PermissionError: access denied.
+            OSError: any other S3 or network error.
+            SourceError: not an ``s3://`` URI (raised at call time).
+        """
+        bucket, prefix = parse_s3_uri(prefix_uri)
+        return self._list(bucket, prefix, prefix_uri)
+
+    def _list(self, bucket: str, prefix: str, prefix_uri: str) -> Iterator[str]:
+        pagination: dict[str, int] = {"PageSize": self.page_size} if self.page_size else {}
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig=pagination):
+                for obj in page.get("Contents", ()):
+                    key = obj["Key"]
+                    if key.endswith("/") or not is_image_name(key) or _hidden(key[len(prefix) :]):
+                        continue
+                    yield f"s3://{bucket}/{key}"
+        except _botocore_errors() as exc:
+            raise _translate(exc, prefix_uri, "ListObjectsV2") from exc
+
+
+# -------------------------------------------------------------------------------------------- reader
+
+
+class ObjectReader:
+    """Reads and lists URIs of any supported scheme: ``file://`` (and plain paths) and ``s3://``.
+
+    The :class:`S3Storage` is created on first S3 use (thread-safe), so local-only runs never touch boto3.
+    One reader may be shared by the threads of a fetch pool.
+    """
+
+    def __init__(
+        self,
+        local: LocalStorage,
+        *,
+        s3: S3Storage | None = None,
+        s3_factory: Callable[[], S3Storage] | None = None,
+    ) -> None:
+        """``s3``: a ready S3 storage; else ``s3_factory()`` (default ``S3Storage()``) on first S3 use."""
+        self.local = local
+        self._s3 = s3
+        self._s3_factory = s3_factory or S3Storage
+        self._lock = threading.Lock()
+
+    @property
+    def s3(self) -> S3Storage:
+        """The S3 storage, created on first access."""
+        s3 = self._s3
+        if s3 is None:
+            with self._lock:
+                if self._s3 is None:
+                    self._s3 = self._s3_factory()
+                s3 = self._s3
+        return s3
+
+    def storage_for(self, uri: str) -> LocalStorage | S3Storage:
+        """The storage that handles ``uri``.
+
+        Raises:
+            SourceError: ``unsupported URI scheme ...`` for anything but ``file://``, ``s3://``, plain paths.
+        """
+        scheme = _scheme(uri)
+        if scheme in (None, "file"):
+            return self.local
+        if scheme == "s3":
+            return self.s3
+        raise _unsupported_scheme(uri, scheme)
+
+    def read(self, uri: str) -> bytes:
+        """The bytes at ``uri``. Raises what :meth:`LocalStorage.read` / :meth:`S3Storage.read` raise,
+        and :class:`~pipeline.errors.SourceError` for an unsupported scheme."""
+        return self.storage_for(uri).read(uri)
+
+    def list(self, prefix_uri: str) -> Iterator[str]:
+        """Image URIs under ``prefix_uri`` (see :meth:`LocalStorage.list`, :meth:`S3Storage.list`)."""
+        return self.storage_for(prefix_uri).list(prefix_uri)
+
+    def close(self) -> None:
+        """Close the S3 client's connections, if one was created."""
+        if self._s3 is not None:
+            close = getattr(self._s3.client, "close", None)
+            if close is not None:
+                close()
+
+
+def make_reader(settings: Settings, extra_roots: Sequence[Path] = ()) -> ObjectReader:
+    """An :class:`ObjectReader` for ``settings``.
+
+    Local roots are ``settings.local_roots`` plus ``extra_roots`` (realpath-resolved); images larger than
+    ``settings.max_image_bytes`` are refused; S3 uses ``settings.s3_endpoint_url`` and
+    ``settings.fetch_timeout_s``, with the client created on first S3 use.
+    """
+    roots = [*settings.local_roots, *extra_roots]
+    local = LocalStorage(roots, max_bytes=settings.max_image_bytes)
+    factory = partial(
+        S3Storage,
+        endpoint_url=settings.s3_endpoint_url,
+        timeout_s=settings.fetch_timeout_s,
+        max_bytes=settings.max_image_bytes,
+    )
+    return ObjectReader(local, s3_factory=factory)
+
+
+# ------------------------------------------------------------------------------------------- sources
+
+
+def iter_source(source: str, reader: ObjectReader) -> Iterator[Item]:
+    """Stream the items of a source, never building a full list.
+
+    ``source`` is one of:
+
+    * a local directory (plain relative/absolute path, or ``file://`` URI): every image file in it,
+      recursively (see :meth:`LocalStorage.list`), ``item_id`` = the file's URI;
+    * ``s3://bucket/prefix``: every image object under the "directory" ``prefix/`` (a ``/`` is added
+      when missing; ``s3://bucket`` lists the whole bucket), ``item_id`` = the object's URI;
+    * a manifest, a local path or ``s3://`` URI ending in ``.csv``, ``.jsonl`` or ``.ndjson``: one item per
+      row, with columns/keys ``item_id`` and ``image_uri`` (see :func:`iter_manifest`).
+
+    Local checks (roots, existence, type) happen when this is called; S3 and manifest-row errors when
+    iterating.
+
+    Raises:
+        SourceError: ``source not found: PATH``; an unknown scheme or a file that is not a manifest
+            (the message lists the valid forms); a local source outside the local roots (the
+            ``PermissionError`` message of :class:`LocalStorage`, wrapped); a missing/forbidden S3
+            bucket or manifest object; a malformed manifest row or a duplicate ``item_id`` (naming the
+            manifest and line numbers).
+        OSError: an S3 or file system error that is not the user's to fix (network, I/O).
+    """
+    scheme = _scheme(source)
+    is_manifest = source.lower().endswith(MANIFEST_SUFFIXES)
+    if scheme == "s3":
+        bucket, key = parse_s3_uri(source)
+        try:
+            if is_manifest:
+                items = iter_manifest(source, reader)
+            else:
+                prefix = key if not key or key.endswith("/") else key + "/"
+                items = _items_from_uris(reader.s3.list(f"s3://{bucket}/{prefix}"))
+        except (FileNotFoundError, PermissionError) as exc:
+            raise SourceError(f"source {source}: {exc}") from exc
+        return _wrap_user_errors(items, source)
+    if scheme not in (None, "file"):
+        raise SourceError(f"unsupported source {source!r} (scheme {scheme!r}): use {_VALID_SOURCES}")
+
+    path = local_path(source)
+    try:
+        real = reader.local.check(path)
+    except PermissionError as exc:
+        raise SourceError(str(exc)) from exc
+    if not os.path.exists(real):
+        raise SourceError(f"source not found: {path}")
+    if os.path.isdir(real):
+        return _items_from_uris(reader.local.list(path.as_uri()))
+    if is_manifest:
+        return iter_manifest(path.as_uri(), reader)
+    raise SourceError(f"source {path} is a file but not a manifest: use {_VALID_SOURCES}")
+
+
+def _items_from_uris(uris: Iterable[str]) -> Iterator[Item]:
+    for uri in uris:
+        yield Item(item_id=uri, uri=uri)
+
+
+def _wrap_user_errors(items: Iterator[Item], source: str) -> Iterator[Item]:
+    """Turn a missing/forbidden S3 bucket or object, met while iterating, into SourceError."""
+    try:
+        yield from items
+    except (FileNotFoundError, PermissionError) as exc:
+        raise SourceError(f"source {source}: {exc}") from exc
+
+
+def iter_manifest(manifest_uri: str, reader: ObjectReader) -> Iterator[Item]:
+    """Stream the items of a ``.csv`` or ``.jsonl``/``.ndjson`` manifest (a local path/URI or ``s3://``).
+
+    CSV: a header row with ``item_id`` and ``image_uri`` (other columns ignored), UTF-8 with or without
+    BOM. JSON Lines: one object per line with those keys (``item_id`` a string or integer). Blank lines
+    are skipped; values are stripped. ``image_uri`` may be a ``file://`` or ``s3://`` URI, an absolute
+    path, or a path relative to the manifest's directory (local manifest: a local file; S3 manifest: an
+    object under the manifest's key prefix).
+
+    Raises:
+        SourceError: (naming the manifest and line) a missing header column, a row without ``item_id`` or
+            ``image_uri`` or with an empty one, bad JSON, invalid UTF-8, an ``image_uri`` with an
+            unsupported scheme, a duplicate ``item_id`` (both line numbers); or a suffix that is not a
+            manifest's.
+        PermissionError, FileNotFoundError, OSError: opening/reading the manifest (see the storages).
+    """
+    lower = manifest_uri.lower()
+    if not lower.endswith(MANIFEST_SUFFIXES):
+        raise SourceError(f"not a manifest (.csv, .jsonl or .ndjson): {manifest_uri}")
+    is_csv = lower.endswith(".csv")
+    if _scheme(manifest_uri) == "s3":
+        bucket, key = parse_s3_uri(manifest_uri)
+        resolve = partial(_resolve_s3_relative, bucket=bucket, base=posixpath.dirname(key))
+        name = manifest_uri
+        lines: Iterator[str] = _decode_lines(reader.s3.iter_lines(manifest_uri), name)
+    else:
+        path = local_path(manifest_uri)
+        resolve = partial(_resolve_local_relative, base=str(path.parent))
+        name = str(path)
+        lines = _local_lines(reader.local, manifest_uri, newline="" if is_csv else None, name=name)
+    rows = _csv_rows(lines, name) if is_csv else _jsonl_rows(lines, name)
+    return _manifest_items(rows, name, resolve)
+
+
+def _local_lines(local: LocalStorage, uri: str, *, newline: str | None, name: str) -> Iterator[str]:
+    """The text lines of a local manifest; the file is opened on the first ``next()``."""
+    with local.open_text(uri, newline=newline) as f:
+        lineno = 0
+        try:
+            for lineno, line in enumerate(f, 1):  # noqa: B007 (read in the except clause)
+                yield line
+        except UnicodeDecodeError as exc:
+            raise SourceError(f"manifest {name}: not valid UTF-8 after line {lineno}: {exc.reason}") from None
+
+
+def _decode_lines(lines: Iterator[bytes], name: str) -> Iterator[str]:
+    for lineno, raw in enumerate(lines, 1):
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SourceError(f"manifest {name}, line {lineno}: not valid UTF-8: {exc.reason}") from None
+
+
+def _csv_rows(lines: Iterator[str], name: str) -> Iterator[tuple[int, Any, Any]]:
+    """``(line number, item_id, image_uri)`` per CSV row; missing fields are None."""
+    reader = csv.reader(lines, strict=True)
+    header: list[str] | None = None
+    try:
+        for row in reader:
+            if not row or all(not c.strip() for c in row):
+                continue
+            if header is None:
+                header = [c.strip() for c in row]
+                missing = [c for c in ("item_id", "image_uri") if c not in header]
+                if missing:
+                    raise SourceError(
+                        f"manifest {name}, line {reader.line_num}: the header has no "
+                        f"{' or '.join(repr(m) for m in missing)} column (found: {', '.join(header)})"
+                    )
+                i_id, i_uri = header.index("item_id"), header.index("image_uri")
+                continue
+            item_id = row[i_id] if i_id < len(row) else None
+            image_uri = row[i_uri] if i_uri < len(row) else None
+            yield reader.line_num, item_id, image_uri
+    except csv.Error as exc:
+        raise SourceError(f"manifest {name}, line {reader.line_num}: bad CSV: {exc}") from None
+    if header is None:
+        raise SourceError(f"manifest {name}: empty, expected a header with item_id and image_uri columns")
+
+
+def _jsonl_rows(lines: Iterator[str], name: str) -> Iterator[tuple[int, Any, Any]]:
+    for lineno, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SourceError(f"manifest {name}, line {lineno}: bad JSON: {exc.msg}") from None
+        if not isinstance(obj, dict):
+            raise SourceError(
+                f"manifest {name}, line {lineno}: expected a JSON object with item_id and image_uri, "
+                f"got {type(obj).__name__}"
+            )
+        yield lineno, obj.get("item_id"), obj.get("image_uri")
+
+
+def _manifest_items(
+    rows: Iterator[tuple[int, Any, Any]], name: str, resolve: Callable[[str], str]
+) -> Iterator[Item]:
+    seen: dict[str, int] = {}
+    for lineno, raw_id, raw_uri in rows:
+        where = f"manifest {name}, line {lineno}"
+        if isinstance(raw_id, int) and not isinstance(raw_id, bool):
+            raw_id = str(raw_id)
+        for field, value in (("item_id", raw_id), ("image_uri", raw_uri)):
+            if value is None:
+                raise SourceError(f"{where}: no {field}")
+            if not isinstance(value, str):
+                raise SourceError(f"{where}: {field} must be a string, got {type(value).__name__}")
+            if not value.strip():
+                raise SourceError(f"{where}: empty {field}")
+        item_id, image_uri = raw_id.strip(), raw_uri.strip()
+        if item_id in seen:
+            raise SourceError(f"{where}: duplicate item_id {item_id!r} (first on line {seen[item_id]})")
+        seen[item_id] = lineno
+        yield Item(item_id=item_id, uri=_resolve_image_uri(image_uri, resolve, where))
+
+
+def _resolve_image_uri(value: str, resolve: Callable[[str], str], where: str) -> str:
+    scheme = _scheme(value)
+    if scheme == "s3":
+        try:
+            bucket, key = parse_s3_uri(value)
+        except SourceError as exc:
+            raise SourceError(f"{where}: {exc}") from None
+        if not key:
+            raise SourceError(f"{where}: image_uri {value!r} has no key")
+        return value
+    if scheme == "file":
+        try:
+            local_path(value)
+        except SourceError as exc:
+            raise SourceError(f"{where}: {exc}") from None
+        return value
+    if scheme is not None:
+        raise SourceError(
+            f"{where}: unsupported URI scheme {scheme!r} in image_uri {value!r}: "
+            "use file:// paths, s3://bucket/key, absolute paths or paths relative to the manifest"
+        )
+    if os.path.isabs(value):
+        return Path(os.path.normpath(value)).as_uri()
+    try:
+        return resolve(value)
+    except SourceError as exc:
+        raise SourceError(f"{where}: {exc}") from None
+
+
+def _resolve_local_relative(rel: str, *, base: str) -> str:
+    return Path(os.path.normpath(os.path.join(base, rel))).as_uri()
+
+
+def _resolve_s3_relative(rel: str, *, bucket: str, base: str) -> str:
+    parts = base.split("/") if base else []
+    for part in rel.split("/"):
+        if part == ".":
+            continue
+        if part == "..":
+            if not parts:
+                raise SourceError(f"image_uri {rel!r} goes above the top of bucket {bucket!r}")
+            parts.pop()
+            continue
+        parts.append(part)
+    return f"s3://{bucket}/{'/'.join(parts)}"
