@@ -620,7 +620,7 @@ def iter_source(source: str, reader: ObjectReader) -> Iterator[Item]:
             raise SourceError(f"source {source}: {exc}") from exc
         return _wrap_user_errors(items, source)
     if scheme not in (None, "file"):
-        raise SourceError(f"unsupported source {source!r} (scheme {scheme!r}): use {_VALID_SOURCES}")
+        raise SourceError(f"unsupported URI scheme {scheme!r} in source {source!r}: use {_VALID_SOURCES}")
 
     path = local_path(source)
     try:
