@@ -59,7 +59,7 @@ def workers(pg_url, s3_server, broker, tmp_path):
         procs.append((subprocess.Popen(invsort("worker", "-c", "1", "-n", f"{name}@%h", "-l", "INFO"),
                                        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     yield env, [tmp_path / "w1.log", tmp_path / "w2.log"]
-    for proc, log in procs:
+    for proc, _ in procs:
         proc.send_signal(signal.SIGTERM)
     for proc, log in procs:
         try:
