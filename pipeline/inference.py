@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
-from itertools import islice
 
 import numpy as np
 import torch
@@ -166,8 +165,23 @@ class Summary:
 
 
 def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    """Chunks of ``size`` items; when ``items`` raises, the partial chunk is yielded first, then the error."""
     it = iter(items)
-    while chunk := list(islice(it, size)):
+    chunk: list[Item] = []
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            break
+        except Exception:
+            if chunk:
+                yield chunk
+            raise
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
         yield chunk
 
 

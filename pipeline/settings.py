@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(
         3600,
         description="Seconds before Redis hands an unacknowledged task (its worker died) to another worker; "
-        "keep it above the longest task (10..604800).",
+        "keep it above the longest task (1..604800).",
     )
     fetch_timeout_s: float = Field(30.0, description="Timeout of one S3 read, seconds.")
     max_image_bytes: int = Field(50 * 1024 * 1024, description="Larger encoded images fail, bytes.")

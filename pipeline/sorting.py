@@ -19,6 +19,7 @@ import torch
 
 from db.catalog import complete_job_if_done, create_job, fail_job, finish_listing, record_batch, upsert_items
 from db.session import session_scope
+from pipeline.errors import SourceError
 from pipeline.inference import Predictor, Summary, run_pipeline
 from pipeline.modelfile import load_model_file
 from pipeline.records import Item, ItemResult
@@ -45,16 +46,20 @@ def get_predictor(settings: Settings, model_spec: str | None = None, *, reader: 
 
 
 def source_roots(source: str) -> list[Path]:
-    """The local directory a command-line source names (it becomes an allowed local root), if any."""
-    if source.startswith("s3://"):
-        return []
+    """The local directory a command-line source names (it becomes an allowed local root), if any.
+
+    Raises:
+        SourceError: a local source that does not exist.
+    """
+    if "://" in source and not source.startswith("file://"):
+        return []  # s3:// (or a scheme iter_source will refuse with the list of valid ones)
     path = local_path(source) if source.startswith("file://") else Path(source)
     path = Path(os.path.realpath(path))
     if path.is_dir():
         return [path]
     if path.is_file():  # a manifest: its folder holds the images it names by relative path
         return [path.parent]
-    return []
+    raise SourceError(f"source not found: {source}")
 
 
 @dataclass

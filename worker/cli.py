@@ -255,7 +255,7 @@ def results(database_url: str | None, job_id: str | None, limit: int, as_csv: bo
 @click.option("-c", "--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes (one model each; torch threads are split between them).")
 @click.option("-l", "--loglevel", default="INFO", show_default=True)
-@click.option("-n", "--hostname", default=None, help="Node name (default: invsort@HOST).")
+@click.option("-n", "--hostname", default=None, help="Node name, %h = host name (default: celery@HOST).")
 @_handle_errors
 def worker(concurrency: int, loglevel: str, hostname: str | None) -> None:
     """Start a Celery worker that pulls image-batch tasks from INVSORT_BROKER_URL.
