@@ -149,6 +149,7 @@ def test_worker_killed_mid_job_loses_nothing(pg_url, s3_server, broker, tmp_path
         time.sleep(0.2)
     os.killpg(victim.pid, signal.SIGKILL)  # the main process and its pool child, mid-job
     victim.wait()
+    time.sleep(6)  # past the 5 s visibility timeout: the rescuer's first sweep already finds the tasks
     rescuer = subprocess.Popen(invsort("worker", "-c", "1", "-n", "rescuer@%h"), cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -30,7 +30,13 @@ def make_app() -> Celery:
         broker_connection_retry_on_startup=True,
         # Redis hands a dead worker's unacknowledged task to another after the visibility timeout; a running
         # task older than it is handed out again too (harmless: tasks are idempotent, but wasted work).
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        # kombu sweeps for such tasks every interval x throttle seconds (100 s by default): sweep every
+        # min(10 s, half the visibility timeout) so a dead worker's batch comes back soon after the timeout.
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 2)),
+            "unacked_restore_throttle": 1,
+        },
         worker_hijack_root_logger=False,
     )
     return app
