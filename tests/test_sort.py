@@ -110,6 +110,8 @@ def test_manifest_source_with_ids_and_a_path_outside_the_roots(tmp_path, sqlite_
         (["sort", "examples/images", "--model", "pyproject.toml"], {}, "not an invsort model file"),
         (["sort", "examples/images", "--model", "bundled:nope"], {}, "bundled:fashion_mnist_cnn"),
         (["sort", "examples/images", "--db", "mysql://x/y"], {}, "INVSORT_DATABASE_URL"),
+        (["results"], {}, "invsort db upgrade"),
+        (["status", "no-such-job"], {}, "invsort db upgrade"),
     ],
 )
 def test_bad_jobs_and_settings_are_refused_with_a_clear_message(args, env, message, tmp_path, monkeypatch):
@@ -158,6 +160,18 @@ def test_streaming_pipeline_gives_the_same_results_as_one_big_batch():
     assert [r.item_id for r in small] == [it.item_id for it in items]
     assert [r.category for r in small] == [r.category for r in big]
     assert all(abs(a.confidence - b.confidence) < 1e-4 for a, b in zip(small, big, strict=True))
+
+
+def test_status_and_results_show_the_job(sqlite_url):
+    result = invoke("sort", EXAMPLES, "--db", sqlite_url, "--no-progress", "--limit", 7)
+    assert result.exit_code == 0, result.output
+    job_id = result.output.split("job ")[1].split(";")[0]
+    status = invoke("status", job_id, "--db", sqlite_url)
+    assert status.exit_code == 0 and f"job {job_id} done: 7/7 images; 7 sorted" in status.output
+    rows = invoke("results", "--db", sqlite_url, "--job", job_id, "--csv")
+    assert rows.exit_code == 0 and len(rows.output.strip().splitlines()) == 1 + 7
+    missing = invoke("status", "nope", "--db", sqlite_url)
+    assert missing.exit_code == 1 and "no job nope" in missing.output
 
 
 def test_review_threshold_routes_low_confidence_rows_to_review(sqlite_url):

@@ -200,9 +200,11 @@ def status(job_id: str | None, database_url: str | None, as_json: bool) -> None:
       invsort status 3f1c...e9
     """
     from db.catalog import get_job, list_jobs
+    from db.migrate import ensure_at_head
     from db.session import session_scope
 
     settings = _settings(database_url=database_url)
+    ensure_at_head(settings.database_url)
     with session_scope(settings.database_url) as session:
         jobs = [get_job(session=session, job_id=job_id)] if job_id else list_jobs(session=session, limit=20)
     if job_id and jobs[0] is None:
@@ -232,9 +234,11 @@ def results(database_url: str | None, job_id: str | None, limit: int, as_csv: bo
     from itertools import islice
 
     from db.catalog import iter_items
+    from db.migrate import ensure_at_head
     from db.session import session_scope
 
     settings = _settings(database_url=database_url)
+    ensure_at_head(settings.database_url)
     with session_scope(settings.database_url) as session:
         rows = iter_items(session=session, job_id=job_id)
         if limit:
