@@ -395,6 +395,82 @@ def data_fashion_mnist(out: str, split: str, idx_dir: str, limit: int | None, ev
     click.echo(f"wrote {n} images to {out}")
 
 
+@data.command("check")
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.option("--manifest", type=click.Path(dir_okay=False), default=None,
+              help="Write the leak-free train/val/test split here (CSV split,class,path,sha256).")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Held out per class.")
+@click.option("--test-fraction", type=float, default=0.1, show_default=True,
+              help="Held out per class (ignored when DATA_DIR has its own test/).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--near-dup-distance", type=click.IntRange(0, 64), default=2, show_default=True,
+              help="Perceptual-hash bits that may differ for a near duplicate.")
+@click.option("--min-side", type=click.IntRange(min=1), default=32, show_default=True, help="Smallest side, px.")
+@_handle_errors
+def data_check(data_dir: str, manifest: str | None, val_fraction: float, test_fraction: float, seed: int,
+               near_dup_distance: int, min_side: int) -> None:
+    """Check DATA_DIR (folder per category, or train/ + test/ of them): class balance, bad files, exact and
+    near-duplicate photos, label conflicts; optionally write a split that keeps duplicates together.
+
+    \b
+    Example:
+      invsort data check photos/ --manifest photos_split.csv
+    """
+    from pipeline.dataprep import check_dataset, grouped_split, write_split_manifest
+
+    t0 = time.perf_counter()
+    r = check_dataset(data_dir, min_side_px=min_side, near_dup_distance=near_dup_distance)
+    good = len(r.images)
+    click.echo(f"{good + len(r.bad_files)} files, {good} good images, {len(r.class_names)} classes "
+               f"({time.perf_counter() - t0:.1f} s)")
+    for split_name, counts in (r.split_class_counts or {"all": r.class_counts}).items():
+        click.echo(f"  {split_name}: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    click.echo(f"imbalance (largest/smallest class): {r.imbalance:.2f}")
+    click.echo(f"bad files: {len(r.bad_files)}")
+    for path, reason in r.bad_files:
+        click.echo(f"  {path}: {reason}")
+    for title, groups in (("exact duplicate", r.exact_duplicates), ("near-duplicate", r.near_duplicates)):
+        n_files = sum(len(g) for g in groups)
+        click.echo(f"{title} groups: {len(groups)} ({n_files} files)")
+        for g in groups[:5]:
+            click.echo("  " + " | ".join(g))
+    click.echo(f"label conflicts (one photo under several classes): {len(r.conflicts)}")
+    for names, paths in r.conflicts[:10]:
+        click.echo(f"  {'/'.join(names)}: " + " | ".join(paths))
+    if manifest:
+        split = grouped_split(r, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+        digest = write_split_manifest(split, manifest, hashes={i.path: i.sha256 for i in r.images})
+        sizes = ", ".join(f"{s} {len(v)}" for s, v in split.items())
+        click.echo(f"split manifest ({sizes}) written to {manifest}  sha256 {digest}")
+
+
+@main.command()
+@click.argument("model")
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Report folder to write.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Images per forward pass.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where inference runs.")
+@_handle_errors
+def evaluate(model: str, data_dir: str, out_dir: str, batch_size: int, device: str) -> None:
+    """Evaluate MODEL on DATA_DIR (one sub-folder per category, named as the model's classes).
+
+    Writes report.json, report.md and plots (confusion matrix, reliability diagram with ECE, training
+    curves, most confident errors) into the --out folder.
+
+    \b
+    Example:
+      invsort evaluate bundled:fashion_mnist_cnn examples/images --out report/
+    """
+    from pipeline.evaluation import evaluate as run_evaluate
+
+    r = run_evaluate(model, data_dir, out_dir, batch_size=batch_size, device=device)
+    click.echo(f"{r['images_evaluated']} images evaluated ({r['images_failed']} failed to decode)")
+    click.echo(f"top-1 accuracy {r['accuracy']:.4f}  macro F1 {r['macro_avg']['f1']:.4f}  ECE {r['ece']:.4f}")
+    click.echo(f"report: {Path(out_dir) / 'report.md'} (and report.json, *.png)")
+
+
 if __name__ == "__main__":  # pragma: no cover
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     main()
