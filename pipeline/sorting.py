@@ -139,7 +139,6 @@ def sort_batch(
     """
     reader = make_reader(settings)
     predictor = get_predictor(settings, model_spec, reader=reader)
-    counts = {"sorted_count": 0, "needs_review_count": 0, "failed_count": 0}
     all_rows: list[ItemResult] = []
 
     def collect(rows: list[ItemResult]) -> None:

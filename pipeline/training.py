@@ -29,10 +29,10 @@ from pipeline.errors import ConfigError, SourceError
 from pipeline.images import decode_image, to_model_input
 from pipeline.modelfile import ModelFile, save_model_file
 from pipeline.models import arch_spec, create_model
+from pipeline.storage import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 @dataclass
