@@ -124,10 +124,9 @@ def load_model_file(spec: str, *, reader=None) -> ModelFile:
     path = resolve_model_path(spec)
     if path.startswith("s3://"):
         if reader is None:
-            from pipeline.settings import get_settings
             from pipeline.storage import make_reader
 
-            reader = make_reader(get_settings())
+            reader = make_reader()
         source: Any = io.BytesIO(reader.read(path))
     else:
         if not Path(path).is_file():

@@ -184,10 +184,9 @@ def load_state_dict(path_or_uri: str, *, reader=None) -> dict[str, torch.Tensor]
     """
     if path_or_uri.startswith("s3://"):
         if reader is None:
-            from pipeline.settings import get_settings
             from pipeline.storage import make_reader
 
-            reader = make_reader(get_settings())
+            reader = make_reader()
         data = io.BytesIO(reader.read(path_or_uri))
         source: object = data
     else:

@@ -562,13 +562,17 @@ class ObjectReader:
                 close()
 
 
-def make_reader(settings: Settings, extra_roots: Sequence[Path] = ()) -> ObjectReader:
-    """An :class:`ObjectReader` for ``settings``.
+def make_reader(settings: Settings | None = None, extra_roots: Sequence[Path] = ()) -> ObjectReader:
+    """An :class:`ObjectReader` for ``settings`` (the process's :func:`get_settings` when None).
 
     Local roots are ``settings.local_roots`` plus ``extra_roots`` (realpath-resolved); images larger than
     ``settings.max_image_bytes`` are refused; S3 uses ``settings.s3_endpoint_url`` and
     ``settings.fetch_timeout_s``, with the client created on first S3 use.
     """
+    if settings is None:
+        from pipeline.settings import get_settings
+
+        settings = get_settings()
     roots = [*settings.local_roots, *extra_roots]
     local = LocalStorage(roots, max_bytes=settings.max_image_bytes)
     factory = partial(
