@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.calibration import coverage_precision_curve, selective_scores
 from pipeline.errors import ConfigError, ImageError
 from pipeline.images import decode_image
 
@@ -190,11 +191,13 @@ def evaluate(
     ])
     y_pred = probs.argmax(axis=1)
     metrics = compute_metrics(y_true, y_pred, probs, mf.class_names)
+    metrics["at_threshold"] = selective_scores(probs, y_true, mf.review_threshold)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     history = mf.info.get("history") or []
     report: dict[str, Any] = {
-        "model": {"name": mf.name, "version": mf.version, "arch": mf.arch, "temperature": mf.temperature},
+        "model": {"name": mf.name, "version": mf.version, "arch": mf.arch, "temperature": mf.temperature,
+                  "review_threshold": mf.review_threshold},
         "data_dir": str(data_dir),
         "images_found": len(images) + len(bad),
         "images_evaluated": len(images),
@@ -206,7 +209,9 @@ def evaluate(
     _plot_confusion(metrics, mf.class_names, out_dir / "confusion_matrix.png")
     _plot_reliability(metrics, out_dir / "reliability.png")
     _plot_errors(stacked, y_true, y_pred, probs, mf.class_names, out_dir / "most_confident_errors.png")
-    report["plots"] = ["confusion_matrix.png", "reliability.png", "most_confident_errors.png"]
+    _plot_coverage(probs.max(axis=1), y_pred == y_true, mf.review_threshold, out_dir / "coverage_precision.png")
+    report["plots"] = ["confusion_matrix.png", "reliability.png", "coverage_precision.png",
+                       "most_confident_errors.png"]
     if history:
         _plot_history(history, out_dir / "training_curves.png")
         report["plots"].append("training_curves.png")
@@ -249,6 +254,27 @@ def _plot_reliability(metrics: dict, path: Path) -> None:
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 probability)", ylabel="accuracy",
            title=f"Reliability diagram (ECE {metrics['ece']:.4f}, {len(bins)} bins)")
     ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_coverage(confidence: np.ndarray, correct: np.ndarray, threshold: float, path: Path) -> None:
+    plt = _pyplot()
+    curve = coverage_precision_curve(confidence, correct)
+    sel = confidence >= threshold
+    cov = float(sel.mean()) if len(sel) else 0.0
+    prec = float(correct[sel].mean()) if sel.any() else math.nan
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot(curve["coverage"], curve["precision"], label="sort rows with confidence >= t")
+    ax.plot([cov], [prec], "o", color="red", label=f"review threshold {threshold:.3f}: coverage {cov:.3f}, "
+            f"precision {prec:.4f}")
+    lo = float(np.nanmin(curve["precision"])) if len(curve["precision"]) else 0.0
+    ax.set(xlim=(0, 1.02), ylim=(max(0.0, min(lo, prec if prec == prec else 1.0) - 0.01), 1.002),
+           xlabel="coverage (share of rows sorted automatically)", ylabel="precision of the sorted rows",
+           title="Coverage / precision (rows below the threshold go to review)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -310,7 +336,11 @@ def _markdown(report: dict, class_names: list[str]) -> str:
         f"{report['images_failed']} failed to decode",
         f"- top-1 accuracy: {report['accuracy']:.4f}",
         f"- macro F1: {report['macro_avg']['f1']:.4f}; weighted F1: {report['weighted_avg']['f1']:.4f}",
-        f"- expected calibration error (15 bins, Guo et al. 2017): {report['ece']:.4f}",
+        f"- expected calibration error (15 bins, Guo et al. 2017): {report['ece']:.4f} "
+        f"(temperature {m['temperature']:.3f})",
+        f"- at the model's review threshold {m['review_threshold']:.4f}: precision "
+        f"{report['at_threshold']['precision']:.4f} on the {report['at_threshold']['coverage']:.1%} of images it "
+        f"sorts; {report['at_threshold']['needs_review']} go to review",
         "",
         "## Per class",
         "",

@@ -4,7 +4,7 @@ Layout (every value is a type that ``torch.load(..., weights_only=True)`` accept
 
     {"format": "invsort-model/1", "arch": "mobilenet_v2", "class_names": [...],
      "in_chans": 3, "input_size": [H, W], "mean": [...], "std": [...],
-     "version": "<12 hex chars of the sha256 of the weights>", "state_dict": {...},
+     "version": "<12 hex chars: sha256 of the weights and fields>", "state_dict": {...},
      "temperature": 1.0, "review_threshold": 0.0, "created_at": "ISO-8601", "info": {...}}
 """
 
@@ -58,11 +58,20 @@ class ModelFile:
         return model.eval()
 
 
-def weights_version(state_dict: dict[str, torch.Tensor]) -> str:
-    """12 hex chars of the sha256 over the weights' names, shapes and bytes: same weights, same version."""
+def model_version(mf: ModelFile, state_dict: dict[str, torch.Tensor] | None = None) -> str:
+    """12 hex chars of a SHA-256 over everything that changes a prediction: architecture, class names, input
+    size, channels, mean/std, temperature, review threshold, and the weights' names, shapes and bytes.
+
+    Same content, same version; retraining, recalibrating or moving the threshold gives a new one.
+    """
     h = hashlib.sha256()
-    for key in sorted(state_dict):
-        t = state_dict[key].detach().cpu().contiguous()
+    meta = [mf.arch, list(mf.class_names), int(mf.in_chans), [int(x) for x in mf.input_size],
+            [float(x) for x in mf.mean], [float(x) for x in mf.std], float(mf.temperature),
+            float(mf.review_threshold)]
+    h.update(repr(meta).encode())
+    state = mf.state_dict if state_dict is None else state_dict
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
         h.update(key.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -72,7 +81,7 @@ def weights_version(state_dict: dict[str, torch.Tensor]) -> str:
 def save_model_file(mf: ModelFile, path: str | Path) -> str:
     """Write ``mf`` to ``path`` (its version is recomputed from the weights). Returns the version."""
     state = {k: v.detach().cpu().contiguous() for k, v in mf.state_dict.items()}
-    mf.version = weights_version(state)
+    mf.version = model_version(mf, state)
     payload = {
         "format": FORMAT,
         "arch": mf.arch,

@@ -1,23 +1,39 @@
-"""Training on a folder-per-category photo set, into an invsort model file.
+"""Training on a folder-per-category photo set, into a calibrated invsort model file with a review threshold.
 
-The images are decoded once with the worker's own :func:`pipeline.images.decode_image` (so training and
-sorting see the same pixels), kept in memory as uint8 ``(N, H, W, C)``, and augmented per batch on tensors.
-Recipe: AdamW, linear warm-up then cosine decay, label smoothing 0.1, random flip + random shift/scale crop,
-best epoch by validation accuracy.
+One call of :func:`train` does what a catalogue team needs, in this order:
+
+1. **Check and split** the photo set with :mod:`pipeline.dataprep`: bad files are excluded with their reason,
+   exact and near duplicates stay inside one split, a seeded stratified train / val / test split is written as a
+   manifest next to the model (``<model>.split.csv``).
+2. **Decode once** with the worker's own :func:`pipeline.images.decode_image` at the model's input size (so
+   training, evaluation and sorting see the same pixels), kept in memory as uint8 ``(N, H, W, C)``.
+3. **Train**: the :func:`pipeline.transforms.train_preset` augmentation per image in a DataLoader worker process,
+   optional mixup/cutmix, AdamW with linear warm-up then cosine decay (Loshchilov & Hutter 2017), label smoothing
+   (Szegedy et al. 2016), class weights or a balanced sampler for imbalanced sets, gradient clipping, AMP on
+   CUDA, early stopping on the validation loss, best and last checkpoints in ``<model>.ckpt/`` (``--resume``).
+4. **Calibrate**: temperature scaling on the validation split, then the review threshold for a target precision
+   (:mod:`pipeline.calibration`); both go into the model file and the worker obeys them.
+5. **Score** the held-out test split, and write the model file and its model card (``<model>.card.md``).
+
+Runs are repeatable on the CPU for a given seed and thread count: the split, the sampling order, every random
+augmentation and dropout are drawn from seeded generators, and a resumed run continues with the saved state.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import math
 import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.errors import ConfigError, SourceError
+from pipeline.errors import ConfigError, ModelFileError, SourceError
 from pipeline.images import decode_image, to_model_input
 from pipeline.modelfile import ModelFile, save_model_file
 from pipeline.models import arch_spec, create_model
@@ -33,40 +49,137 @@ from pipeline.storage import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_FORMAT = "invsort-checkpoint/1"
+BALANCE_MODES = ("auto", "none", "weights", "sampler")
 
 
 @dataclass
 class TrainConfig:
-    """A training recipe. Sizes in pixels; ``lr`` is AdamW's peak learning rate."""
+    """A training recipe. Sizes in pixels ``(H, W)``; ``lr`` is AdamW's peak learning rate.
+
+    ``None`` for ``image_size`` means the architecture's default input size. The presets of :data:`PRESETS`
+    fill in everything a user does not set (see :func:`resolve_recipe`).
+    """
 
     arch: str = "mobilenet_v2"
-    weights: str | None = None
-    epochs: int = 5
+    weights: str | None = None  # ImageNet weights: local .pth or s3:// URI
+    epochs: int = 12
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.05
-    warmup_epochs: float = 0.3
+    warmup_epochs: float = 0.5
     label_smoothing: float = 0.1
-    image_size: tuple[int, int] | None = None  # None: the architecture's default
+    image_size: tuple[int, int] | None = None
     in_chans: int = 3
     val_fraction: float = 0.1
+    test_fraction: float = 0.1  # ignored when the tree has its own test/ folder
     seed: int = 0
+    policy: str = "trivialaugment"  # trivialaugment | randaugment | none
     hflip: bool = True
-    max_shift: float = 0.08  # random translation, fraction of the side
+    crop_scale: float = 0.6  # RandomResizedCrop's smallest area fraction
+    color_jitter: float = 0.2
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    balance: str = "auto"  # auto | none | weights | sampler
+    patience: int = 4  # early stopping: epochs without a better validation loss; 0 = off
+    clip_grad_norm: float = 2.0
+    target_precision: float = 0.995
+    near_dup_distance: int | None = None  # None: pipeline.dataprep's default
     threads: int = 0  # torch intra-op threads; 0 = all cores
-    freeze_backbone: bool = False  # train the classifier only (fast on a CPU; a linear probe)
-    extra: dict = field(default_factory=dict)
+    loader_workers: int = -1  # augmentation processes; -1 = 1 when there are 2+ cores, else 0
+    device: str = "auto"
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler)
+    freeze_backbone: bool = False  # train the classifier only (a linear probe)
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the first bad value and its valid range."""
+        checks = [
+            ("epochs", self.epochs >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 2, ">= 2 (BatchNorm needs two images)"),
+            ("lr", self.lr > 0, "> 0"),
+            ("val_fraction", 0 <= self.val_fraction < 1, "in [0, 1)"),
+            ("test_fraction", 0 <= self.test_fraction < 1, "in [0, 1)"),
+            ("crop_scale", 0 < self.crop_scale <= 1, "in (0, 1]"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            ("patience", self.patience >= 0, ">= 0"),
+            ("target_precision", 0 < self.target_precision <= 1, "in (0, 1]"),
+            ("balance", self.balance in BALANCE_MODES, f"one of {', '.join(BALANCE_MODES)}"),
+            ("in_chans", self.in_chans in (1, 3), "1 or 3"),
+        ]
+        for name, ok, valid in checks:
+            if not ok:
+                raise ConfigError(f"training setting {name} must be {valid}, got {getattr(self, name)!r}")
+        arch_spec(self.arch)
 
 
-@dataclass
-class Dataset:
-    """Decoded images ``(N, H, W, C)`` uint8, labels ``(N,)`` int64, and what was skipped and why."""
+#: Recipes for ``invsort train DIR --out M`` with no flags. ``small``: low-resolution grayscale sets such as
+#: Fashion-MNIST (the custom CNN from scratch). ``photo``: product photos (MobileNetV2 fine-tuned from ImageNet
+#: weights when given, at the photos' own size).
+PRESETS: dict[str, dict[str, Any]] = {
+    "small": dict(arch="invsort_cnn", epochs=24, batch_size=128, lr=3e-3, weight_decay=0.05, warmup_epochs=1.0,
+                  label_smoothing=0.1, policy="none", hflip=True, crop_scale=0.75, color_jitter=0.0, patience=6),
+    "photo": dict(arch="mobilenet_v2", epochs=12, batch_size=64, lr=1e-3, weight_decay=0.05, warmup_epochs=0.5,
+                  label_smoothing=0.1, policy="trivialaugment", hflip=True, crop_scale=0.6, color_jitter=0.2,
+                  patience=4),
+}
 
-    images: np.ndarray
-    labels: np.ndarray
-    class_names: list[str]
-    paths: list[str]
-    skipped: list[tuple[str, str]]
+
+def choose_preset(sizes: Sequence[tuple[int, int]]) -> str:
+    """``"small"`` when the median photo's longer side is at most 64 px, else ``"photo"``.
+
+    Args:
+        sizes: ``(width, height)`` in px of the good images (from the data check).
+    """
+    if not sizes:
+        return "photo"
+    longer = np.median([max(w, h) for w, h in sizes])
+    return "small" if longer <= 64 else "photo"
+
+
+def photo_input_size(sizes: Sequence[tuple[int, int]], arch: str) -> tuple[int, int]:
+    """Input ``(H, W)`` for a photo set: the median photo size, its shorter side brought into [96, 224] px.
+
+    Catalogue photo sets are usually one size; training at that size (rather than 224x224) keeps the aspect
+    ratio and costs a fraction of the compute. Architectures whose default is not 224 (inception_v3: 299) keep
+    their default.
+    """
+    default = arch_spec(arch).input_size
+    if not sizes or default != (224, 224):
+        return default
+    w = float(np.median([s[0] for s in sizes]))
+    h = float(np.median([s[1] for s in sizes]))
+    short = min(h, w)
+    scale = min(max(short, 96.0), 224.0) / short
+    return int(round(h * scale / 2) * 2), int(round(w * scale / 2) * 2)
+
+
+def resolve_recipe(cfg_overrides: dict[str, Any], sizes: Sequence[tuple[int, int]], gray: bool) -> TrainConfig:
+    """The recipe for a data set: the preset its photos call for, then the user's ``cfg_overrides`` on top.
+
+    Args:
+        cfg_overrides: TrainConfig field → value, only for what the user set.
+        sizes: ``(width, height)`` px of the photos.
+        gray: whether the photos are grayscale (used by the ``small`` preset: 1-channel input).
+
+    Raises:
+        ConfigError: an unknown field or a bad value.
+    """
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(cfg_overrides) - known)
+    if unknown:
+        raise ConfigError(f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    preset = choose_preset(sizes)
+    if "arch" in cfg_overrides:  # an explicit architecture picks the preset of its kind
+        preset = "small" if cfg_overrides["arch"] == "invsort_cnn" else "photo"
+    values: dict[str, Any] = {**PRESETS[preset], "in_chans": 1 if preset == "small" and gray else 3}
+    values.update(cfg_overrides)
+    if values.get("image_size") is None:
+        values["image_size"] = (
+            photo_input_size(sizes, values["arch"]) if preset == "photo" else arch_spec(values["arch"]).input_size
+        )
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg
 
 
 def scan_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
@@ -97,11 +210,24 @@ def scan_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, samples
 
 
-def load_dataset(
-    root: str | Path, *, size: tuple[int, int], in_chans: int, threads: int | None = None, progress: bool = True
-) -> Dataset:
-    """Decode every image of a folder-per-category tree; bad images are skipped with their reason."""
-    classes, samples = scan_folder(root)
+@dataclass
+class Arrays:
+    """Decoded images ``(N, H, W, C)`` uint8, labels ``(N,)`` int64, paths, and files that failed with why."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    failed: list[tuple[str, str]]
+
+
+def load_images(
+    samples: Sequence[tuple[str, int]], *, size: tuple[int, int], in_chans: int, threads: int | None = None,
+    progress: bool = False, desc: str = "decode",
+) -> Arrays:
+    """Decode ``(path, label)`` samples at ``size`` with the worker's decoder, in a thread pool.
+
+    A file that cannot be read or decoded is left out and listed in ``failed`` with its reason.
+    """
     threads = threads or min(8, os.cpu_count() or 1)
 
     def load(path: str) -> np.ndarray | str:
@@ -112,52 +238,13 @@ def load_dataset(
             return str(exc)
 
     with ThreadPoolExecutor(threads) as pool:
-        results = list(
-            tqdm(pool.map(load, [p for p, _ in samples], chunksize=64), total=len(samples),
-                 desc="decode", unit="img", disable=not progress, leave=False)
-        )
-    skipped = [(p, r) for (p, _), r in zip(samples, results, strict=True) if isinstance(r, str)]
+        results = list(tqdm(pool.map(load, [p for p, _ in samples], chunksize=64), total=len(samples), desc=desc,
+                            unit="img", disable=not progress, leave=False))
+    failed = [(p, r) for (p, _), r in zip(samples, results, strict=True) if isinstance(r, str)]
     keep = [i for i, r in enumerate(results) if not isinstance(r, str)]
     images = np.stack([results[i] for i in keep]) if keep else np.zeros((0, *size, in_chans), np.uint8)
     labels = np.array([samples[i][1] for i in keep], dtype=np.int64)
-    for path, reason in skipped:
-        log.warning("skipped %s: %s", path, reason)
-    return Dataset(images, labels, classes, [samples[i][0] for i in keep], skipped)
-
-
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices ``(train, val)`` with ``fraction`` of each class (at least one when it has two) in val."""
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        n_val = int(round(len(idx) * fraction))
-        if fraction > 0 and len(idx) >= 2:
-            n_val = max(1, n_val)
-        val.append(idx[:n_val])
-        train.append(idx[n_val:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
-
-
-def augment(x: torch.Tensor, *, hflip: bool, max_shift: float, gen: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip and random shift + scale (±``max_shift``) of a ``(N, C, H, W)`` float batch.
-
-    Out-of-frame pixels are filled with the border (catalogue photos have plain backgrounds).
-    """
-    n = x.shape[0]
-    if hflip:
-        flip = torch.rand(n, generator=gen) < 0.5
-        x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
-    if max_shift > 0:
-        scale = 1.0 + (torch.rand(n, generator=gen) * 2 - 1) * max_shift
-        shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * max_shift * 2
-        theta = torch.zeros(n, 2, 3)
-        theta[:, 0, 0] = scale
-        theta[:, 1, 1] = scale
-        theta[:, :, 2] = shift
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return x.contiguous(memory_format=torch.channels_last)
+    return Arrays(images, labels, [samples[i][0] for i in keep], failed)
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -168,40 +255,297 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """``n / (K * n_c)`` per class, the "balanced" heuristic of King & Zeng 2001 (scikit-learn's ``balanced``).
+
+    Returns ``(K,)`` float32; a class without samples gets weight 0.
+    """
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    w = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
 @torch.inference_mode()
-def evaluate_arrays(
-    model: nn.Module, images: np.ndarray, mean: torch.Tensor, std: torch.Tensor, batch_size: int = 256
+def predict_logits(
+    model: nn.Module, images: np.ndarray, mean: torch.Tensor, std: torch.Tensor, *, batch_size: int = 256,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
-    """Logits ``(N, num_classes)`` float32 for uint8 ``(N, H, W, C)`` images (model put in eval mode)."""
+    """Logits ``(N, num_classes)`` float32 on the CPU for uint8 ``(N, H, W, C)`` images (model put in eval mode).
+
+    ``mean`` and ``std`` are ``(1, C, 1, 1)`` float32 in 0..1 units; the normalisation is the worker's
+    :func:`pipeline.images.to_model_input`.
+    """
+    device = device or torch.device("cpu")
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
-        x = to_model_input(torch.from_numpy(images[i : i + batch_size]), mean, std)
-        out.append(model(x).float())
+        batch = torch.from_numpy(images[i : i + batch_size]).to(device)
+        x = to_model_input(batch, mean.to(device), std.to(device))
+        out.append(model(x).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """In-memory uint8 ``(N, H, W, C)`` images → ``(train_preset(image), label)``."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = torch.from_numpy(self.images[i]).permute(2, 0, 1)
+        return self.transform(img), int(self.labels[i])
+
+
+def _loader_worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def epoch_order(labels: np.ndarray, *, sampler: bool, seed: int, epoch: int) -> list[int]:
+    """The sample order of one epoch: a seeded permutation, or with ``sampler`` a class-balanced draw with
+    replacement (every class equally likely, ``N`` draws). Depends only on ``(seed, epoch)``, so a resumed run
+    sees the same order."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if not sampler:
+        return torch.randperm(len(labels), generator=gen).tolist()
+    counts = np.bincount(labels)
+    w = torch.tensor(1.0 / counts[labels], dtype=torch.float64)
+    return torch.multinomial(w, len(labels), replacement=True, generator=gen).tolist()
+
+
+def train_one_epoch(
+    model: nn.Module, opt: torch.optim.Optimizer, batches, *, step: int, total_steps: int, warmup_steps: int,
+    cfg: TrainConfig, loss_weight: torch.Tensor | None, mixing: Callable | None, device: torch.device,
+    scaler: torch.amp.GradScaler | None, amp_dtype: torch.dtype | None, desc: str, progress: bool,
+) -> tuple[dict[str, float], int]:
+    """One pass over ``batches`` of ``(x (N, C, H, W) float32, y (N,) int64)``.
+
+    Returns ``({"train_loss", "train_acc", "lr", "images_per_s", "seconds"}, the next global step)``.
+    Training accuracy is against the hard labels (with mixup/cutmix, against the dominant one).
+    """
+    model.train()
+    if cfg.freeze_backbone:  # frozen BatchNorm layers keep their ImageNet statistics
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.weight.requires_grad:
+                m.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+    bar = tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)
+    lr = cfg.lr
+    for x, y in bar:
+        if len(y) < 2:
+            continue  # BatchNorm needs two samples
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        target = y
+        if mixing is not None:
+            x, target = mixing(x, y)
+        lr = lr_at(step, total_steps, warmup_steps, cfg.lr)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), target, weight=loss_weight, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+            opt.step()
+        step += 1
+        seen += len(y)
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.1e}")
+    seconds = time.perf_counter() - t0
+    return ({"train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen), "lr": lr,
+             "images_per_s": seen / seconds if seconds else 0.0, "seconds": seconds}, step)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    """Where :func:`train` keeps ``last.pt`` and ``best.pt`` for the model file ``out``: ``<out>.ckpt/``."""
+    out = Path(out)
+    return out.with_name(out.name + ".ckpt")
+
+
+def split_manifest_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".split.csv")
+
+
+def model_card_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".card.md")
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A training checkpoint, loaded with ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: no checkpoint there.
+        ModelFileError: the file is not an invsort training checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from: {path} (train once without --resume first)")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelFileError(f"{path} is not a training checkpoint ({type(exc).__name__}: {exc})"[:400]) from None
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise ModelFileError(f"{path} is not an invsort training checkpoint")
+    return ck
+
+
+def _device(name: str) -> torch.device:
+    from pipeline.inference import resolve_device
+
+    return resolve_device(name)
+
+
+def _is_gray(paths: Sequence[str], limit: int = 32) -> bool:
+    """Whether a sample of the photos has R == G == B everywhere (grayscale files or gray RGB)."""
+    import cv2
+
+    for p in list(paths)[:limit]:
+        img = cv2.imread(p, cv2.IMREAD_UNCHANGED)
+        if img is None:
+            continue
+        color = img.ndim == 3 and img.shape[2] >= 3
+        if color and not (np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2])):
+            return False
+    return True
+
+
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def train(
     data_dir: str | Path,
     out: str | Path,
-    cfg: TrainConfig,
+    cfg: TrainConfig | None = None,
     *,
+    overrides: dict[str, Any] | None = None,
+    resume: bool = False,
     progress: bool = True,
     log_fn: Callable[[str], None] = print,
 ) -> ModelFile:
-    """Train ``cfg.arch`` on ``data_dir`` (one sub-folder per category) and write the model file ``out``.
+    """Check, split, train, calibrate and score a model on ``data_dir``; write the model file ``out``.
+
+    Args:
+        data_dir: one sub-folder per category (``DIR/<Class>/*.jpg``), or ``DIR/train/<Class>`` +
+            ``DIR/test/<Class>`` (the given test split is kept as the test split).
+        out: the model file to write. Next to it: ``<stem>.split.csv`` (the split manifest),
+            ``<stem>.card.md`` (the model card) and ``<out>.ckpt/{last,best}.pt`` (checkpoints).
+        cfg: a full recipe. When None, the recipe is :func:`resolve_recipe` of the data with ``overrides``.
+        overrides: TrainConfig fields the user set (only used when ``cfg`` is None).
+        resume: continue from ``<out>.ckpt/last.pt`` with its recipe and split (the other arguments must
+            name the same data and model file).
+        progress: progress bars on stderr.
+        log_fn: receives one line per step and per epoch (loss, accuracy, learning rate, images/s).
 
     Returns:
-        The saved :class:`ModelFile`; ``info`` holds the recipe, class counts, skipped files, the split and
-        per-epoch history (loss, accuracy, learning rate, images/s).
+        The saved :class:`ModelFile`. ``info`` holds the recipe, the data summary (class counts, excluded
+        files and why, duplicate groups, split manifest and its SHA-256), the per-epoch history, calibration
+        (temperature, validation ECE before and after), the review threshold with its validation precision and
+        coverage, and the test split's metrics.
 
     Raises:
         SourceError: the folder is missing or has fewer than two categories.
-        ConfigError: a bad recipe value (unknown architecture, epochs < 1, ...).
+        ConfigError: a bad recipe value (the message names it and its valid range).
+        FileNotFoundError, ModelFileError: ``resume`` without a usable checkpoint.
     """
+    from pipeline.calibration import choose_threshold, fit_temperature
+    from pipeline.dataprep import check_dataset, grouped_split, read_split_manifest, write_split_manifest
+    from pipeline.evaluation import compute_metrics, expected_calibration_error
+    from pipeline.transforms import batch_mixing, train_preset
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    ckdir = checkpoint_dir(out)
+    manifest = split_manifest_path(out)
+    ck: dict | None = None
+    if resume:
+        ck = load_checkpoint(ckdir / "last.pt")
+        saved = dict(ck["config"])
+        saved["image_size"] = tuple(saved["image_size"])
+        cfg = TrainConfig(**saved)
+        data_summary = dict(ck["data"])
+        if not manifest.is_file() or _sha256_file(manifest) != data_summary["split_sha256"]:
+            raise ModelFileError(f"{manifest} is missing or changed since the checkpoint; cannot resume")
+        split = read_split_manifest(manifest)
+        class_names = list(ck["class_names"])
+        log_fn(f"resuming from {ckdir / 'last.pt'} after epoch {ck['epoch']}/{cfg.epochs}")
+    else:
+        if cfg is not None:
+            cfg.validate()
+        nd = {} if cfg is None or cfg.near_dup_distance is None else {"near_dup_distance": cfg.near_dup_distance}
+        if cfg is None and (overrides or {}).get("near_dup_distance") is not None:
+            nd = {"near_dup_distance": overrides["near_dup_distance"]}
+        t0 = time.perf_counter()
+        report = check_dataset(data_dir, **nd)
+        class_names = list(report.class_names)
+        if cfg is None:
+            cfg = resolve_recipe(overrides or {}, [r.size for r in report.images],
+                                 _is_gray([r.path for r in report.images]))
+        split = grouped_split(report, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                              seed=cfg.seed)
+        split_sha = write_split_manifest(split, manifest, hashes={r.path: r.sha256 for r in report.images})
+        log_fn(
+            f"data: {len(report.images)} good images in {len(class_names)} classes "
+            f"({', '.join(f'{k} {v}' for k, v in report.class_counts.items())}), imbalance "
+            f"{report.imbalance:.2f}x; excluded {len(report.bad_files)} bad files; "
+            f"{len(report.exact_duplicates)} exact and {len(report.near_duplicates)} near-duplicate groups kept "
+            f"inside one split; {len(report.conflicts)} duplicate groups span categories "
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
+        for path, reason in report.bad_files[:20]:
+            log_fn(f"  excluded {path}: {reason}")
+        data_summary = {
+            "root": str(data_dir),
+            "class_counts": dict(report.class_counts),
+            "split_class_counts": {s: dict(Counter(c for _, c in v)) for s, v in split.items()},
+            "imbalance": report.imbalance if math.isfinite(report.imbalance) else None,
+            "excluded": [[p, r] for p, r in report.bad_files[:1000]],
+            "excluded_count": len(report.bad_files),
+            "exact_duplicate_groups": len(report.exact_duplicates),
+            "near_duplicate_groups": len(report.near_duplicates),
+            "conflict_groups": len(report.conflicts),
+            "split_manifest": manifest.name,
+            "split_sha256": split_sha,
+        }
+    assert cfg is not None
+    log_fn(f"split: train {len(split['train'])}, val {len(split['val'])}, test {len(split['test'])} "
+           f"(manifest {manifest})")
+    log_fn("recipe: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+    if not split["train"]:
+        raise SourceError(f"no training images left in {data_dir} after the check")
+
     spec = arch_spec(cfg.arch)
-    if cfg.epochs < 1 or cfg.batch_size < 1 or not 0 <= cfg.val_fraction < 1:
-        raise ConfigError("epochs and batch size must be >= 1 and val fraction in [0, 1)")
     size = tuple(cfg.image_size or spec.input_size)
     mean_t = spec.mean if cfg.in_chans == len(spec.mean) else (spec.mean[0],) * cfg.in_chans
     std_t = spec.std if cfg.in_chans == len(spec.std) else (spec.std[0],) * cfg.in_chans
@@ -210,114 +554,171 @@ def train(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
+    device = _device(cfg.device)
 
     t0 = time.perf_counter()
-    ds = load_dataset(data_dir, size=size, in_chans=cfg.in_chans, progress=progress)
-    counts = Counter(ds.class_names[i] for i in ds.labels.tolist())
-    log_fn(
-        f"data: {len(ds.labels)} images in {len(ds.class_names)} classes "
-        f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}); skipped {len(ds.skipped)} bad files; "
-        f"decoded in {time.perf_counter() - t0:.1f} s"
-    )
-    tr_idx, va_idx = stratified_split(ds.labels, cfg.val_fraction, cfg.seed)
-    model = create_model(cfg.arch, num_classes=len(ds.class_names), in_chans=cfg.in_chans, weights=cfg.weights)
-    model = model.to(memory_format=torch.channels_last)
+    index = {c: i for i, c in enumerate(class_names)}
+    data = {s: load_images([(p, index[c]) for p, c in split[s]], size=size, in_chans=cfg.in_chans,
+                           progress=progress, desc=f"decode {s}") for s in ("train", "val", "test")}
+    for s, arr in data.items():
+        for p, r in arr.failed:
+            log_fn(f"  {s}: could not decode {p}: {r}")
+    log_fn(f"decoded {sum(len(a.labels) for a in data.values())} images at {size[0]}x{size[1]} "
+           f"({time.perf_counter() - t0:.0f} s)")
+    tr, va, te = data["train"], data["val"], data["test"]
+
+    model = create_model(cfg.arch, num_classes=len(class_names), in_chans=cfg.in_chans,
+                         weights=None if ck else cfg.weights)
     if cfg.freeze_backbone:
-        head = spec.classifier_prefixes
         for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith(head))
+            p.requires_grad_(name.startswith(spec.classifier_prefixes))
+    model = model.to(device, memory_format=torch.channels_last)
     mean = torch.tensor(mean_t, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(std_t, dtype=torch.float32).view(1, -1, 1, 1)
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    amp_dtype = None
+    scaler = None
+    if device.type == "cuda" and cfg.amp:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if amp_dtype == torch.float16:
+            scaler = torch.amp.GradScaler("cuda")
 
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-    )
-    steps_per_epoch = math.ceil(len(tr_idx) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    images_t = torch.from_numpy(ds.images)
-    labels_t = torch.from_numpy(ds.labels)
+    counts = np.bincount(tr.labels, minlength=len(class_names))
+    imbalance = counts.max() / max(1, counts.min())
+    balance = cfg.balance if cfg.balance != "auto" else ("weights" if imbalance > 1.5 else "none")
+    loss_weight = class_weights(tr.labels, len(class_names)).to(device) if balance == "weights" else None
+    transform = train_preset(size, mean_t, std_t, in_chans=cfg.in_chans, policy=cfg.policy, hflip=cfg.hflip,
+                             scale=(cfg.crop_scale, 1.0), color_jitter=cfg.color_jitter)
+    mixing = batch_mixing(len(class_names), mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha)
+    dataset = _Augmented(tr.images, tr.labels, transform)
+    workers = cfg.loader_workers if cfg.loader_workers >= 0 else (1 if (os.cpu_count() or 1) >= 2 else 0)
+
+    steps_per_epoch = math.ceil(len(tr.labels) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = max(1, int(cfg.warmup_epochs * steps_per_epoch))
     history: list[dict] = []
-    best_acc, best_state, step = -1.0, None, 0
+    best = {"val_loss": math.inf, "epoch": 0}
+    bad_epochs, step, first_epoch = 0, 0, 1
+    ckdir.mkdir(parents=True, exist_ok=True)
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        torch.set_rng_state(ck["torch_rng"])
+        history, best, bad_epochs, step = list(ck["history"]), dict(ck["best"]), int(ck["bad_epochs"]), int(ck["step"])
+        first_epoch = int(ck["epoch"]) + 1
+    cfg_dict = asdict(cfg)
+    cfg_dict["image_size"] = list(size)
+    log_fn(f"training {cfg.arch} on {device.type}: {len(tr.labels)} images, {steps_per_epoch} steps/epoch, "
+           f"balance={balance}, augmentation={cfg.policy}, {workers} loader worker(s)")
 
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        if cfg.freeze_backbone:  # frozen BatchNorm layers keep their ImageNet statistics
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.weight.requires_grad:
-                    m.eval()
-        perm = torch.from_numpy(tr_idx)[torch.randperm(len(tr_idx), generator=gen)]
-        t_ep, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
-                   disable=not progress, leave=False)
-        for b in bar:
-            idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            if len(idx) < 2:
-                continue  # BatchNorm needs two samples
-            x = augment(to_model_input(images_t[idx], mean, std), hflip=cfg.hflip, max_shift=cfg.max_shift,
-                        gen=gen)
-            y = labels_t[idx]
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, warmup, cfg.lr)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 2.0)
-            opt.step()
-            step += 1
-            seen += len(idx)
-            loss_sum += loss.item() * len(idx)
-            correct += (logits.argmax(1) == y).sum().item()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        ep_s = time.perf_counter() - t_ep
-        row = {"epoch": epoch, "train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen),
-               "lr": opt.param_groups[0]["lr"], "images_per_s": seen / ep_s, "seconds": ep_s}
-        if len(va_idx):
-            logits = evaluate_arrays(model, ds.images[va_idx], mean, std)
-            yv = labels_t[va_idx]
+    stopped_early = bool(ck and ck.get("stopped_early"))
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        if stopped_early:
+            break
+        order = epoch_order(tr.labels, sampler=balance == "sampler", seed=cfg.seed, epoch=epoch)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.batch_size, sampler=order, num_workers=workers,
+            worker_init_fn=_loader_worker_init if workers else None,
+            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch),
+            pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+        )
+        row, step = train_one_epoch(
+            model, opt, loader, step=step, total_steps=total_steps, warmup_steps=warmup_steps, cfg=cfg,
+            loss_weight=loss_weight, mixing=mixing, device=device, scaler=scaler, amp_dtype=amp_dtype,
+            desc=f"epoch {epoch}/{cfg.epochs}", progress=progress,
+        )
+        row = {"epoch": epoch, **row}
+        if len(va.labels):
+            logits = predict_logits(model, va.images, mean, std, device=device)
+            yv = torch.from_numpy(va.labels)
             row["val_loss"] = F.cross_entropy(logits, yv).item()
             row["val_acc"] = (logits.argmax(1) == yv).float().mean().item()
         history.append(row)
+        score = row.get("val_loss", row["train_loss"])
+        improved = score < best["val_loss"]
+        if improved:
+            best = {"val_loss": score, "epoch": epoch, "val_acc": row.get("val_acc")}
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        stopped_early = bool(cfg.patience and bad_epochs >= cfg.patience and epoch < cfg.epochs)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        ckpt = {
+            "format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step, "config": cfg_dict, "class_names": class_names,
+            "data": data_summary, "model": state, "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {}, "torch_rng": torch.get_rng_state(),
+            "history": history, "best": best, "bad_epochs": bad_epochs, "stopped_early": stopped_early,
+        }
+        if improved:
+            _save_atomic({"format": CHECKPOINT_FORMAT, "epoch": epoch, "model": state}, ckdir / "best.pt")
+        _save_atomic(ckpt, ckdir / "last.pt")
         log_fn(
             f"epoch {epoch}/{cfg.epochs}: loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
             + (f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}" if "val_acc" in row else "")
-            + f" | lr {row['lr']:.2e} | {row['images_per_s']:.0f} img/s"
+            + f" | lr {row['lr']:.2e} | {row['images_per_s']:.0f} img/s | {row['seconds']:.0f} s"
+            + (" | best" if improved else "")
         )
-        score = row.get("val_acc", row["train_acc"])
-        if score >= best_acc:
-            best_acc = score
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if stopped_early:
+            log_fn(f"early stop: no better validation loss for {bad_epochs} epochs (best: epoch {best['epoch']})")
 
-    assert best_state is not None
-    cfg_dict = asdict(cfg)
-    cfg_dict["image_size"] = list(size)
-    mf = ModelFile(
-        arch=cfg.arch,
-        class_names=ds.class_names,
-        in_chans=cfg.in_chans,
-        input_size=size,  # type: ignore[arg-type]
-        mean=tuple(mean_t),
-        std=tuple(std_t),
-        state_dict=best_state,
-        info={
-            "recipe": cfg_dict,
-            "data_dir": str(data_dir),
-            "class_counts": dict(counts),
-            "skipped": [[p, r] for p, r in ds.skipped[:1000]],
-            "val_items": [ds.paths[i] for i in va_idx.tolist()][:100000],
-            "history": history,
-            "best_val_acc": best_acc,
-            "train_seconds": time.perf_counter() - t0,
-        },
-    )
+    best_state = load_checkpoint(ckdir / "best.pt")["model"]
+    model.load_state_dict(best_state)
+
+    # calibration and the review threshold, on the validation split
+    calibration: dict[str, Any] = {"temperature": 1.0}
+    threshold_info: dict[str, Any] = {"threshold": 0.0, "met": False, "reason": "no validation split"}
+    if len(va.labels):
+        logits = predict_logits(model, va.images, mean, std, device=device)
+        yv = torch.from_numpy(va.labels)
+        temperature = fit_temperature(logits, yv)
+        p_raw = F.softmax(logits, 1).numpy()
+        p_cal = F.softmax(logits / temperature, 1).numpy()
+        ok = p_cal.argmax(1) == va.labels
+        ece_raw, _ = expected_calibration_error(p_raw.max(1), ok)
+        ece_cal, _ = expected_calibration_error(p_cal.max(1), ok)
+        calibration = {"temperature": temperature, "val_ece_before": ece_raw, "val_ece_after": ece_cal,
+                       "val_nll_before": F.cross_entropy(logits, yv).item(),
+                       "val_nll_after": F.cross_entropy(logits / temperature, yv).item()}
+        choice = choose_threshold(p_cal.max(1), ok, cfg.target_precision)
+        threshold_info = choice.to_dict()
+        log_fn(f"calibration: temperature {temperature:.3f}, validation ECE {ece_raw:.4f} -> {ece_cal:.4f}")
+        if choice.met:
+            log_fn(f"review threshold {choice.threshold:.4f}: validation precision {choice.precision:.4f} on the "
+                   f"{choice.coverage:.1%} of rows it sorts (target {cfg.target_precision})")
+        else:
+            log_fn(f"no threshold reaches precision {cfg.target_precision} on validation: every row goes to review "
+                   "unless the model improves (more data, more epochs) or the target is lowered")
+
+    info: dict[str, Any] = {
+        "recipe": cfg_dict, "data": data_summary, "class_counts": data_summary["class_counts"],
+        "skipped": data_summary["excluded"], "history": history, "best_epoch": best["epoch"],
+        "best_val_acc": best.get("val_acc"), "best_val_loss": best["val_loss"], "stopped_early": stopped_early,
+        "calibration": calibration, "threshold": threshold_info, "balance": balance,
+    }
+    mf = ModelFile(arch=cfg.arch, class_names=class_names, in_chans=cfg.in_chans,
+                   input_size=size,  # type: ignore[arg-type]
+                   mean=tuple(mean_t), std=tuple(std_t), state_dict=best_state,
+                   temperature=float(calibration["temperature"]),
+                   review_threshold=float(threshold_info["threshold"]), info=info)
+    if len(te.labels):
+        from pipeline.calibration import selective_scores
+
+        probs = F.softmax(predict_logits(model, te.images, mean, std, device=device) / mf.temperature, 1).numpy()
+        metrics = compute_metrics(te.labels, probs.argmax(1), probs, class_names)
+        metrics.pop("reliability", None)
+        metrics["at_threshold"] = selective_scores(probs, te.labels, mf.review_threshold)
+        info["test"] = metrics
+        sel = metrics["at_threshold"]
+        log_fn(f"test ({metrics['n']} images never used for training or choices): top-1 {metrics['accuracy']:.4f}, "
+               f"macro F1 {metrics['macro_avg']['f1']:.4f}, ECE {metrics['ece']:.4f}; at the threshold: precision "
+               f"{sel['precision']:.4f} on {sel['coverage']:.1%} sorted, {sel['needs_review']} to review")
+    info["train_seconds"] = time.perf_counter() - t_start
     version = save_model_file(mf, out)
-    log_fn(f"saved {out} (version {version}, best val acc {best_acc:.4f}, {time.perf_counter() - t0:.0f} s)")
+    from pipeline.modelcard import write_model_card
+
+    write_model_card(mf, model_card_path(out))
+    log_fn(f"saved {out} (version {version}), model card {model_card_path(out)}; "
+           f"{info['train_seconds']:.0f} s in all")
     return mf

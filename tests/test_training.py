@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 
 from db.session import session_scope
-from pipeline.errors import SourceError
+from pipeline.errors import ConfigError, SourceError
 from pipeline.fashion_mnist import DEFAULT_DIR, export_png_tree
 from pipeline.modelfile import load_model_file
-from pipeline.training import TrainConfig, scan_folder, stratified_split, train
+from pipeline.training import TrainConfig, resolve_recipe, scan_folder, train
 from tests.images import BAD_IMAGES, FOOTWEAR_TAR, MOBILENET_WEIGHTS
 from worker.cli import main
 
@@ -31,34 +31,93 @@ def accuracy_of_sort(url: str) -> float:
     return sum(Path(r.image_uri).parent.name == r.category for r in good) / len(good)
 
 
-@needs_fmnist
-def test_custom_cnn_on_fashion_mnist_subset_beats_chance(tmp_path):
-    export_png_tree(tmp_path / "train", "train", every=30)  # 2,000 images
-    export_png_tree(tmp_path / "test", "test", every=20)  # 500 images
-    for name, data in BAD_IMAGES.items():  # bad files in a training set are skipped with their reason
-        (tmp_path / "train" / "Bag" / name).write_bytes(data)
-    cfg = TrainConfig(arch="invsort_cnn", epochs=3, batch_size=64, lr=3e-3, image_size=(28, 28), in_chans=1)
-    mf = train(tmp_path / "train", tmp_path / "m.pt", cfg, progress=False, log_fn=lambda s: None)
-    assert len(mf.info["skipped"]) == len(BAD_IMAGES)
-    assert [h["epoch"] for h in mf.info["history"]] == [1, 2, 3]
+def _quiet(_: str) -> None:
+    pass
 
-    loaded = load_model_file(str(tmp_path / "m.pt"))
-    assert loaded.class_names == sorted(p.name for p in (tmp_path / "train").iterdir())
+
+@needs_fmnist
+def test_custom_cnn_on_fashion_mnist_subset_beats_chance_and_obeys_its_threshold(tmp_path):
+    export_png_tree(tmp_path / "data" / "train", "train", every=30)  # 2,000 images
+    export_png_tree(tmp_path / "data" / "test", "test", every=20)  # 500 images: the given test split
+    for name, data in BAD_IMAGES.items():  # bad files in a training set are excluded with their reason
+        (tmp_path / "data" / "train" / "Bag" / name).write_bytes(data)
+    out = tmp_path / "m.pt"
+    mf = train(tmp_path / "data", out, overrides={"epochs": 3, "threads": 2}, progress=False, log_fn=_quiet)
+
+    # the preset for small grayscale images: the custom CNN, 1 channel, 28x28
+    assert (mf.arch, mf.in_chans, mf.input_size) == ("invsort_cnn", 1, (28, 28))
+    data = mf.info["data"]
+    assert data["excluded_count"] == len(BAD_IMAGES)
+    assert {Path(p).name for p, _ in data["excluded"]} == set(BAD_IMAGES)
+    assert sum(data["split_class_counts"]["test"].values()) == 500  # the given test/ folder is the test split
+    assert [h["epoch"] for h in mf.info["history"]] == [1, 2, 3]
+    assert mf.info["test"]["accuracy"] > 0.5  # chance is 0.1
+    # calibration lowers the validation ECE, and the threshold was chosen for the target precision
+    cal = mf.info["calibration"]
+    assert cal["val_ece_after"] <= cal["val_ece_before"] + 1e-9 and cal["val_nll_after"] <= cal["val_nll_before"]
+    assert mf.temperature == pytest.approx(cal["temperature"]) and mf.temperature != 1.0
+    assert mf.review_threshold == mf.info["threshold"]["threshold"] > 0
+    # split manifest, model card and checkpoints are written next to the model
+    assert (tmp_path / "m.split.csv").is_file() and (tmp_path / "m.pt.ckpt" / "last.pt").is_file()
+    card = (tmp_path / "m.card.md").read_text()
+    assert mf.version in card and "Confusion matrix" in card and data["split_sha256"] in card
+
+    loaded = load_model_file(str(out))
+    assert loaded.class_names == sorted(p.name for p in (tmp_path / "data" / "train").iterdir())
+    assert (loaded.temperature, loaded.review_threshold, loaded.version) == (mf.temperature, mf.review_threshold,
+                                                                              mf.version)
     url = f"sqlite:///{tmp_path}/c.db"
-    result = CliRunner().invoke(main, ["sort", str(tmp_path / "test"), "--model", str(tmp_path / "m.pt"),
+    result = CliRunner().invoke(main, ["sort", str(tmp_path / "data" / "test"), "--model", str(out),
                                        "--db", url, "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert accuracy_of_sort(url) > 0.5  # chance is 0.1
+    assert accuracy_of_sort(url) > 0.5
+    with session_scope(url) as session:
+        from db.catalog import iter_items
+
+        rows = list(iter_items(session=session))
+    review = [r for r in rows if r.status == "needs_review"]
+    assert review and all(r.confidence < mf.review_threshold and len(r.topk) == 5 for r in review)
+    assert all(r.confidence >= mf.review_threshold for r in rows if r.status == "sorted")
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@needs_fmnist
+def test_resume_continues_where_an_interrupted_run_stopped(tmp_path):
+    export_png_tree(tmp_path / "d", "test", every=25)  # 400 images
+    cfg = TrainConfig(arch="invsort_cnn", epochs=3, batch_size=32, image_size=(28, 28), in_chans=1, threads=1,
+                      patience=0, policy="none", color_jitter=0.0, test_fraction=0.0)
+    whole = train(tmp_path / "d", tmp_path / "whole.pt", cfg, progress=False, log_fn=_quiet)
+
+    def stop_after_epoch_2(line: str) -> None:
+        if line.startswith("epoch 2/3"):
+            raise _Interrupt  # the checkpoint of epoch 2 is written before this line
+    with pytest.raises(_Interrupt):
+        train(tmp_path / "d", tmp_path / "cut.pt", cfg, progress=False, log_fn=stop_after_epoch_2)
+    assert not (tmp_path / "cut.pt").exists()
+    lines: list[str] = []
+    resumed = train(tmp_path / "d", tmp_path / "cut.pt", resume=True, progress=False, log_fn=lines.append)
+    assert any(line.startswith("resuming from") and "after epoch 2/3" in line for line in lines)
+    assert [line.split(":")[0] for line in lines if line.startswith("epoch ")] == ["epoch 3/3"]
+    assert [h["epoch"] for h in resumed.info["history"]] == [1, 2, 3]
+    # same seed, same threads: the resumed run ends with exactly the uninterrupted run's model
+    assert resumed.version == whole.version
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train once without --resume"):
+        train(tmp_path, tmp_path / "m.pt", resume=True, progress=False, log_fn=_quiet)
 
 
 def test_training_is_repeatable_on_cpu(tmp_path):
-    export = tmp_path / "d"
     if not (DEFAULT_DIR / "t10k-labels-idx1-ubyte.gz").exists():
         pytest.skip("Fashion-MNIST not installed")
-    export_png_tree(export, "test", every=50)
+    export_png_tree(tmp_path / "d", "test", every=50)
     cfg = TrainConfig(arch="invsort_cnn", epochs=1, batch_size=32, image_size=(28, 28), in_chans=1, threads=1)
-    a = train(export, tmp_path / "a.pt", cfg, progress=False, log_fn=lambda s: None)
-    b = train(export, tmp_path / "b.pt", cfg, progress=False, log_fn=lambda s: None)
+    a = train(tmp_path / "d", tmp_path / "a.pt", cfg, progress=False, log_fn=_quiet)
+    b = train(tmp_path / "d", tmp_path / "b.pt", cfg, progress=False, log_fn=_quiet)
     assert a.version == b.version
 
 
@@ -71,13 +130,23 @@ def test_training_folder_needs_two_categories(tmp_path):
         scan_folder(tmp_path / "missing")
 
 
-def test_stratified_split_keeps_every_class_in_both_parts():
-    import numpy as np
+def test_bad_recipe_values_are_refused_with_the_valid_range(tmp_path):
+    with pytest.raises(ConfigError, match="balance must be one of auto, none, weights, sampler"):
+        TrainConfig(balance="oversample").validate()
+    with pytest.raises(ConfigError, match="unknown architecture 'vgg99'; known: .*mobilenet_v2"):
+        TrainConfig(arch="vgg99").validate()
+    with pytest.raises(ConfigError, match="unknown training setting"):
+        resolve_recipe({"epoch": 3}, [(28, 28)], gray=True)
 
-    labels = np.array([0] * 50 + [1] * 10 + [2] * 2)
-    tr, va = stratified_split(labels, 0.2, seed=1)
-    assert set(labels[va]) == {0, 1, 2} and set(labels[tr]) == {0, 1, 2}
-    assert len(set(tr) & set(va)) == 0 and len(tr) + len(va) == len(labels)
+
+def test_presets_follow_the_photos():
+    small = resolve_recipe({}, [(28, 28)] * 5, gray=True)
+    assert (small.arch, small.in_chans, small.image_size) == ("invsort_cnn", 1, (28, 28))
+    photo = resolve_recipe({}, [(136, 102)] * 5, gray=False)  # (width, height): the footwear photos
+    assert (photo.arch, photo.in_chans, photo.image_size) == ("mobilenet_v2", 3, (102, 136))
+    big = resolve_recipe({"epochs": 2}, [(1200, 900)] * 5, gray=False)
+    assert big.image_size == (224, 298) and big.epochs == 2
+    assert resolve_recipe({"arch": "inception_v3"}, [(136, 102)], gray=False).image_size == (299, 299)
 
 
 @pytest.mark.shared

@@ -283,35 +283,56 @@ def worker(concurrency: int, loglevel: str, hostname: str | None) -> None:
 @main.command()
 @click.argument("data_dir", type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Model file to write.")
-@click.option("--arch", default="mobilenet_v2", show_default=True, help="Architecture (see 'invsort models').")
+@click.option("--arch", default=None, help="Architecture (see 'invsort models') [default: from the data].")
 @click.option("--weights", default=None, help="ImageNet weights to start from: a local .pth or s3:// URI.")
-@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak AdamW learning rate.")
-@click.option("--image-size", default=None, help="Input size N or HxW in px [default: the architecture's].")
-@click.option("--grayscale", is_flag=True, help="1-channel input (custom CNN only).")
-@click.option("--freeze-backbone", is_flag=True, help="Train the classifier only (fast; a linear probe).")
-@click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Held out per class.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Most epochs [preset: 12 photo, 24 small].")
+@click.option("--batch-size", type=click.IntRange(min=2), default=None)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak AdamW learning rate.")
+@click.option("--image-size", default=None, help="Input size N or HxW in px [default: the photos' own size].")
+@click.option("--grayscale/--rgb", default=None, help="1- or 3-channel input [default: from the photos].")
+@click.option("--augment", "policy", type=click.Choice(["trivialaugment", "randaugment", "none"]), default=None,
+              help="Automatic augmentation policy on top of crop/flip/colour jitter.")
+@click.option("--mixup", "mixup_alpha", type=click.FloatRange(min=0), default=None, help="Mixup alpha (0 = off).")
+@click.option("--cutmix", "cutmix_alpha", type=click.FloatRange(min=0), default=None, help="CutMix alpha (0 = off).")
+@click.option("--balance", type=click.Choice(["auto", "none", "weights", "sampler"]), default=None,
+              help="Imbalanced classes: loss weights or a balanced sampler [auto: weights above 1.5x].")
+@click.option("--patience", type=click.IntRange(min=0), default=None,
+              help="Early stopping: epochs without a better validation loss (0 = off).")
+@click.option("--freeze-backbone", is_flag=True, default=None, help="Train the classifier only (a linear probe).")
+@click.option("--val-fraction", type=float, default=None, help="Share of each class for validation [0.1].")
+@click.option("--test-fraction", type=float, default=None,
+              help="Share of each class held out for the test figures [0.1; a test/ folder wins].")
+@click.option("--target-precision", type=float, default=None,
+              help="Precision the review threshold must give on validation [0.995].")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [auto].")
+@click.option("--threads", type=click.IntRange(min=0), default=None, help="Torch threads [0 = all cores].")
+@click.option("--seed", type=int, default=None, help="Seed of the split, sampling and augmentation [0].")
+@click.option("--resume", is_flag=True, help="Continue from OUT.ckpt/last.pt with its recipe and split.")
 @click.option("--no-progress", is_flag=True)
 @_handle_errors
-def train(data_dir: str, out: str, arch: str, weights: str | None, epochs: int, batch_size: int, lr: float,
-          image_size: str | None, grayscale: bool, freeze_backbone: bool, val_fraction: float, seed: int,
-          no_progress: bool) -> None:
-    """Train a model on DATA_DIR (one sub-folder per category) and write a model file.
+def train(data_dir: str, out: str, image_size: str | None, grayscale: bool | None, resume: bool, no_progress: bool,
+          **options) -> None:
+    """Check, split, train, calibrate and score a model on DATA_DIR; write the model file and its model card.
+
+    DATA_DIR has one sub-folder per category, or train/ and test/ folders of them. With no options the
+    recipe comes from the photos: small grayscale images (Fashion-MNIST) train the custom CNN from scratch,
+    product photos fine-tune MobileNetV2 (pass --weights for ImageNet weights) at the photos' own size.
+    Next to OUT: OUT's name with .split.csv (split manifest), .card.md (model card) and OUT.ckpt/ (checkpoints).
 
     \b
-    Example:
-      invsort train photos/ --out shoes.pt --arch mobilenet_v2 \\
-          --weights ../shared/weights/mobilenet_v2_imagenet.pth --epochs 3 --image-size 102x136
+    Examples:
+      invsort train photos/ --out shoes.pt --weights ../shared/weights/mobilenet_v2_imagenet.pth
+      invsort train fashion-mnist/ --out fm.pt
+      invsort train photos/ --out shoes.pt --resume
     """
-    from pipeline.training import TrainConfig
     from pipeline.training import train as run_train
 
-    cfg = TrainConfig(arch=arch, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
-                      image_size=_parse_size(image_size), in_chans=1 if grayscale else 3,
-                      val_fraction=val_fraction, seed=seed, freeze_backbone=freeze_backbone)
-    run_train(data_dir, out, cfg, progress=not no_progress, log_fn=click.echo)
+    overrides = {k: v for k, v in options.items() if v is not None}
+    if image_size is not None:
+        overrides["image_size"] = _parse_size(image_size)
+    if grayscale is not None:
+        overrides["in_chans"] = 1 if grayscale else 3
+    run_train(data_dir, out, None, overrides=overrides, resume=resume, progress=not no_progress, log_fn=click.echo)
 
 
 @main.command("models")
@@ -334,11 +355,14 @@ def model_info(model: str) -> None:
     click.echo(f"{mf.name}  version {mf.version}  arch {mf.arch}  created {mf.created_at}")
     click.echo(f"input {mf.input_size[0]}x{mf.input_size[1]}x{mf.in_chans}  mean {mf.mean}  std {mf.std}")
     click.echo(f"classes ({mf.num_classes}): {', '.join(mf.class_names)}")
-    if "best_val_acc" in mf.info:
-        click.echo(f"validation top-1 accuracy {mf.info['best_val_acc']:.4f}")
-    for k in ("test_accuracy", "test_images"):
-        if k in mf.info:
-            click.echo(f"{k.replace('_', ' ')}: {mf.info[k]}")
+    click.echo(f"temperature {mf.temperature:.3f}  review threshold {mf.review_threshold:.4f}")
+    if mf.info.get("best_val_acc") is not None:
+        click.echo(f"validation top-1 accuracy {mf.info['best_val_acc']:.4f} (epoch {mf.info.get('best_epoch')})")
+    test = mf.info.get("test")
+    if test:
+        sel = test.get("at_threshold", {})
+        click.echo(f"test top-1 accuracy {test['accuracy']:.4f} on {test['n']} images; at the threshold precision "
+                   f"{sel.get('precision', float('nan')):.4f}, coverage {sel.get('coverage', 0):.3f}")
 
 
 @main.group()

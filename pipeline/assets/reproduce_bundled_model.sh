@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Reproduces pipeline/assets/fashion_mnist_cnn.pt: the custom CNN trained on Fashion-MNIST's training split
-# (Debian package dataset-fashion-mnist, MIT licence) and scored on its 10,000-image test split.
+# Reproduces pipeline/assets/fashion_mnist_cnn.pt and its report: the custom CNN trained by the default recipe
+# ("small" preset, no flags) on Fashion-MNIST's training split (Debian package dataset-fashion-mnist, MIT licence)
+# and scored on its 10,000-image test split, which `invsort train` keeps as the test split (DIR/test/).
 set -euo pipefail
 work=${1:-/tmp/invsort-fashion-mnist}
-invsort data fashion-mnist "$work/train" --split train
-invsort data fashion-mnist "$work/test" --split test
-invsort train "$work/train" --out "$work/fashion_mnist_cnn.pt" --arch invsort_cnn --grayscale --image-size 28 \
-    --epochs 10 --batch-size 128 --lr 2e-3 --val-fraction 0.1 --seed 0
-INVSORT_LOCAL_ROOTS="$work" invsort sort "$work/test" --model "$work/fashion_mnist_cnn.pt" \
-    --db "sqlite:///$work/test.db" --no-progress
+assets=$(cd "$(dirname "$0")" && pwd)
+invsort data fashion-mnist "$work/data/train" --split train
+invsort data fashion-mnist "$work/data/test" --split test
+invsort train "$work/data" --out "$work/fashion_mnist_cnn.pt" --no-progress
+invsort evaluate "$work/fashion_mnist_cnn.pt" "$work/data/test" --out "$work/report"
+if [ "${INSTALL:-0}" = 1 ]; then
+  cp "$work/fashion_mnist_cnn.pt" "$assets/fashion_mnist_cnn.pt"
+  cp "$work/fashion_mnist_cnn.card.md" "$assets/fashion_mnist_cnn.card.md"
+  rm -rf "$assets/fashion_mnist_report" && cp -r "$work/report" "$assets/fashion_mnist_report"
+fi

@@ -1,0 +1,126 @@
+"""The model card written next to every trained model (Mitchell et al. 2019, "Model Cards for Model Reporting").
+
+Everything in it comes from the model file: its ``info`` (written by :func:`pipeline.training.train`) and its
+fields. Sections: model details, intended use and limits, data (counts per class and split, what was excluded
+and why, duplicates, the split manifest's SHA-256), recipe, training, metrics on the held-out test split,
+calibration and the review threshold.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.modelfile import ModelFile
+
+
+def _f(x: Any, digits: int = 4) -> str:
+    return f"{x:.{digits}f}" if isinstance(x, int | float) else "n/a"
+
+
+def model_card(mf: ModelFile) -> str:
+    """The model card of ``mf`` as Markdown."""
+    info = mf.info
+    data = info.get("data", {})
+    recipe = info.get("recipe", {})
+    cal = info.get("calibration", {})
+    thr = info.get("threshold", {})
+    test = info.get("test")
+    history = info.get("history", [])
+    lines = [
+        f"# Model card: {mf.arch} for {', '.join(mf.class_names)}",
+        "",
+        "## Model details",
+        f"- Version: `{mf.version}` (SHA-256 of the weights and of every field that changes a prediction)",
+        f"- Architecture: `{mf.arch}`, input {mf.input_size[0]}x{mf.input_size[1]} px, {mf.in_chans} channel(s), "
+        f"mean {list(mf.mean)}, std {list(mf.std)}",
+        f"- Classes ({mf.num_classes}): {', '.join(mf.class_names)}",
+        f"- Starting weights: {recipe.get('weights') or 'none (trained from scratch)'}",
+        f"- Created: {mf.created_at}",
+        "",
+        "## Intended use and limits",
+        "- Sorting catalogue product photos into the classes above with invsort (`invsort sort`, the Celery "
+        "worker). Rows whose calibrated top-1 probability is below the review threshold get "
+        "`status = needs_review` with their top-5 instead of being sorted.",
+        "- Only photos like the training data: same kind of product, framing and background. A photo of "
+        "anything else is still given one of these classes; the threshold catches some of those, not all.",
+        "- Figures below come from one held-out split of one data set; they are estimates for photos drawn the "
+        "same way, not a guarantee for a different catalogue.",
+        "",
+        "## Data",
+        f"- Source folder: `{data.get('root', 'n/a')}`",
+        "- Good images per class: " + ", ".join(f"{k} {v}" for k, v in data.get("class_counts", {}).items()),
+    ]
+    if data.get("imbalance"):
+        lines.append(f"- Imbalance (largest / smallest class): {data['imbalance']:.2f}x; handled by: "
+                     f"{info.get('balance', 'n/a')}")
+    split_counts = data.get("split_class_counts", {})
+    if split_counts:
+        lines += ["", "| split | " + " | ".join(mf.class_names) + " | total |",
+                  "|---|" + "---:|" * (mf.num_classes + 1)]
+        for s in ("train", "val", "test"):
+            row = split_counts.get(s, {})
+            lines.append(f"| {s} | " + " | ".join(str(row.get(c, 0)) for c in mf.class_names)
+                         + f" | {sum(row.values())} |")
+        lines.append("")
+    lines += [
+        f"- Split manifest: `{data.get('split_manifest', 'n/a')}`, SHA-256 `{data.get('split_sha256', 'n/a')}`; "
+        "exact and near duplicates are kept inside one split",
+        f"- Duplicate groups: {data.get('exact_duplicate_groups', 0)} exact, {data.get('near_duplicate_groups', 0)} "
+        f"near; {data.get('conflict_groups', 0)} span more than one category",
+        f"- Excluded files: {data.get('excluded_count', 0)}",
+    ]
+    for path, reason in data.get("excluded", [])[:20]:
+        lines.append(f"  - `{path}`: {reason}")
+    lines += ["", "## Recipe", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in recipe.items()]
+    lines += ["", "## Training", ""]
+    if history:
+        lines += ["| epoch | train loss | train acc | val loss | val acc | lr | images/s |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        for h in history:
+            lines.append(f"| {h['epoch']} | {_f(h.get('train_loss'))} | {_f(h.get('train_acc'))} | "
+                         f"{_f(h.get('val_loss'))} | {_f(h.get('val_acc'))} | {h.get('lr', 0):.2e} | "
+                         f"{h.get('images_per_s', 0):.0f} |")
+    lines.append("")
+    lines.append(f"Best epoch (lowest validation loss): {info.get('best_epoch', 'n/a')}; "
+                 f"early stop: {'yes' if info.get('stopped_early') else 'no'}; "
+                 f"wall time {info.get('train_seconds', 0):.0f} s.")
+    lines += [
+        "",
+        "## Calibration and review threshold (chosen on the validation split)",
+        f"- Temperature scaling (Guo et al. 2017): T = {_f(cal.get('temperature'), 3)}; validation ECE "
+        f"{_f(cal.get('val_ece_before'))} before, {_f(cal.get('val_ece_after'))} after",
+        f"- Review threshold: {_f(thr.get('threshold'))} for a target precision of "
+        f"{thr.get('target_precision', 'n/a')}; on validation it sorts {_f(thr.get('coverage'), 3)} of rows with "
+        f"precision {_f(thr.get('precision'))}" + ("" if thr.get("met") else " (target NOT reached)"),
+    ]
+    lines += ["", "## Metrics on the held-out test split", ""]
+    if test:
+        sel = test.get("at_threshold", {})
+        lines += [
+            f"- Images: {test['n']}; top-1 accuracy {_f(test['accuracy'])}; macro F1 {_f(test['macro_avg']['f1'])}; "
+            f"weighted F1 {_f(test['weighted_avg']['f1'])}; ECE {_f(test['ece'])}",
+            f"- At the review threshold: precision {_f(sel.get('precision'))} on {_f(sel.get('coverage'), 3)} of "
+            f"rows sorted; {sel.get('needs_review', 0)} to review; {sel.get('errors_sorted', 0)} wrong rows sorted",
+            "",
+            "| class | precision | recall | F1 | support |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, m in test["per_class"].items():
+            lines.append(f"| {name} | {_f(m['precision'])} | {_f(m['recall'])} | {_f(m['f1'])} | {m['support']} |")
+        lines += ["", "Confusion matrix (rows: true class, columns: predicted):", "",
+                  "| true \\ predicted | " + " | ".join(mf.class_names) + " |",
+                  "|---|" + "---:|" * mf.num_classes]
+        for name, row in zip(mf.class_names, test["confusion_matrix"], strict=True):
+            lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    else:
+        lines.append("No test split (the data set was too small, or test_fraction was 0).")
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(mf: ModelFile, path: str | Path) -> Path:
+    """Write :func:`model_card` of ``mf`` to ``path`` (UTF-8) and return the path."""
+    path = Path(path)
+    path.write_text(model_card(mf), encoding="utf-8")
+    return path
