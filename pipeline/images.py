@@ -94,13 +94,22 @@ def decode_image(
         img = _to_8bit_rgb_or_gray(img, in_chans)
     elif in_chans == 3:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    th, tw = size
-    if (h, w) != (th, tw):
-        interp = cv2.INTER_AREA if h * w > th * tw else cv2.INTER_LINEAR
-        img = cv2.resize(img, (tw, th), interpolation=interp)
+    img = resize_for_model(img, size)
     if img.ndim == 2:
         img = img[:, :, None]
     return img
+
+
+def resize_for_model(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize ``(h, w[, C])`` uint8 to ``size`` ``(H, W)`` px, aspect ratio not kept: OpenCV ``INTER_AREA`` when
+    shrinking (no aliasing), ``INTER_LINEAR`` when enlarging. The one resize rule of the worker, training and the
+    evaluation preset. A 3-D single-channel input comes back 2-D (OpenCV drops the channel axis)."""
+    h, w = img.shape[:2]
+    th, tw = size
+    if (h, w) == (th, tw):
+        return img
+    interp = cv2.INTER_AREA if h * w > th * tw else cv2.INTER_LINEAR
+    return cv2.resize(img, (tw, th), interpolation=interp)
 
 
 def _to_8bit_rgb_or_gray(img: np.ndarray, in_chans: int) -> np.ndarray:

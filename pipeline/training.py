@@ -42,7 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.errors import ConfigError, ModelFileError, SourceError
-from pipeline.images import decode_image, to_model_input
+from pipeline.images import MIN_SIDE_PX, decode_image, to_model_input
 from pipeline.modelfile import ModelFile, save_model_file
 from pipeline.models import arch_spec, create_model
 from pipeline.storage import IMAGE_SUFFIXES
@@ -507,7 +507,7 @@ def train(
         if cfg is None and (overrides or {}).get("near_dup_distance") is not None:
             nd = {"near_dup_distance": overrides["near_dup_distance"]}
         t0 = time.perf_counter()
-        report = check_dataset(data_dir, **nd)
+        report = check_dataset(data_dir, min_side_px=MIN_SIDE_PX, **nd)  # the worker's own minimum
         class_names = list(report.class_names)
         if cfg is None:
             cfg = resolve_recipe(overrides or {}, [r.size for r in report.images],

@@ -1,11 +1,14 @@
+import logging
 import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
+import torchvision.models as tvm
 
 from pipeline.errors import ConfigError, ModelFileError
-from pipeline.modelfile import ModelFile, load_model_file, save_model_file, weights_version
-from pipeline.models import REGISTRY, create_model
+from pipeline.modelfile import ModelFile, load_model_file, model_version, save_model_file
+from pipeline.models import IMAGENET_MEAN, IMAGENET_STD, REGISTRY, create_model
 from tests.images import MOBILENET_WEIGHTS
 
 
@@ -14,20 +17,58 @@ def test_every_architecture_builds_runs_and_round_trips(arch, tmp_path):
     spec = REGISTRY[arch]
     chans = len(spec.mean)
     model = create_model(arch, num_classes=4, in_chans=chans).eval()
-    x = torch.randn(2, chans, 64, 64)
+    torch.manual_seed(0)
+    x = torch.randn(2, chans, *spec.input_size)
     with torch.inference_mode():
         y = model(x)
-    assert y.shape == (2, 4) and y.dtype == torch.float32
+    assert type(y) is torch.Tensor and y.shape == (2, 4) and y.dtype == torch.float32
     assert torch.isfinite(y).all()
 
-    mf = ModelFile(arch=arch, class_names=["a", "b", "c", "d"], in_chans=chans, input_size=(64, 64),
+    mf = ModelFile(arch=arch, class_names=["a", "b", "c", "d"], in_chans=chans, input_size=spec.input_size,
                    mean=spec.mean, std=spec.std, state_dict=model.state_dict())
     version = save_model_file(mf, tmp_path / "m.pt")
     loaded = load_model_file(str(tmp_path / "m.pt"))
-    assert loaded.version == version == weights_version(model.state_dict())
-    assert loaded.class_names == ["a", "b", "c", "d"] and loaded.input_size == (64, 64)
+    assert loaded.version == version == model_version(mf) and len(version) == 12
+    assert loaded.class_names == ["a", "b", "c", "d"] and loaded.input_size == spec.input_size
     with torch.inference_mode():
         assert torch.allclose(loaded.build()(x), y, atol=1e-5)
+
+    # the training loop's step: a plain logits tensor in train mode too (no auxiliary outputs), and a gradient
+    loss = F.cross_entropy(model.train()(x), torch.tensor([0, 3]))
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_inception_v3_drops_the_auxiliary_head_of_imagenet_weights(tmp_path, caplog):
+    # the layout of torchvision's ImageNet checkpoint: aux head included (random values; no download here)
+    imagenet_like = tvm.inception_v3(weights=None, aux_logits=True, init_weights=False, num_classes=1000)
+    path = tmp_path / "inception_v3_imagenet.pth"
+    torch.save(imagenet_like.state_dict(), path)
+    assert any(k.startswith("AuxLogits.") for k in imagenet_like.state_dict())
+
+    with caplog.at_level(logging.INFO, logger="pipeline.models"):
+        model = create_model("inception_v3", num_classes=3, weights=str(path))
+    assert "AuxLogits.*" in caplog.text
+    state = model.state_dict()
+    assert not any(k.startswith("AuxLogits.") for k in state) and state["fc.weight"].shape == (3, 2048)
+    ref = imagenet_like.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in state.items() if not k.startswith("fc."))
+
+
+def test_inception_v3_normalisation_is_what_its_imagenet_weights_expect():
+    # torchvision's own ImageNet recipe: ImageNet mean/std in, transform_input=True maps that to [-1, 1] inside
+    ours = create_model("inception_v3", num_classes=3).eval()
+    theirs = tvm.inception_v3(weights=None, aux_logits=False, transform_input=True, init_weights=False,
+                              num_classes=3).eval()
+    theirs.load_state_dict(ours.state_dict())
+    spec = REGISTRY["inception_v3"]
+    pixels = torch.rand(1, 3, 96, 96)  # 0..1; 96 px keeps the test fast (the net needs >= 75)
+
+    def norm(mean, std):
+        return (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+    with torch.inference_mode():
+        assert torch.allclose(ours(norm(spec.mean, spec.std)), theirs(norm(IMAGENET_MEAN, IMAGENET_STD)), atol=1e-4)
 
 
 def test_unknown_architecture_lists_known_ones():
