@@ -1,12 +1,15 @@
 """Reads and writes of the catalog and of sorting jobs, on SQLite and PostgreSQL.
 
 Every function takes the :class:`~sqlalchemy.orm.Session` as a keyword argument and runs inside the
-caller's transaction: nothing here commits. Writes are single SQL statements that are safe when many workers
-run them at once on PostgreSQL (counters are incremented in SQL, never read-modify-written in Python).
+caller's transaction: nothing here commits. Writes to shared rows are single SQL statements that are safe when
+many workers run them at once on PostgreSQL (counters are incremented in SQL, never read-modify-written in Python).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -15,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import Insert, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from db.models import CatalogItem, SortingJob, SortingJobBatch, UTCDateTime
@@ -41,7 +45,6 @@ _items = CatalogItem.__table__
 _jobs = SortingJob.__table__
 _batches = SortingJobBatch.__table__
 
-_ITEM_COLUMNS = tuple(c.name for c in _items.columns)
 _RESULT_FIELDS = tuple(f.name for f in fields(ItemResult))
 
 
@@ -120,47 +123,132 @@ def _insert(session: Session, table: Any) -> Insert:
     raise InvsortError(f"unsupported database dialect {name!r}: use SQLite or PostgreSQL")
 
 
+# Columns written by upsert_items, in the order of the tuples built by _row_values (every column of the table:
+# tests/test_db.py checks that they agree with the model).
+_UPSERT_COLUMNS = (
+    "item_id",
+    "image_uri",
+    "category",
+    "confidence",
+    "topk",
+    "model_name",
+    "model_version",
+    "status",
+    "error",
+    "job_id",
+    "updated_at",
+)
+_COLUMN_LIST = ", ".join(_UPSERT_COLUMNS)
+_SET_ALL = ", ".join(f"{name} = excluded.{name}" for name in _UPSERT_COLUMNS if name != "item_id")
+
+_SQLITE_UPSERT = (
+    f"INSERT INTO catalog_items ({_COLUMN_LIST}) VALUES ({', '.join('?' * len(_UPSERT_COLUMNS))}) "
+    f"ON CONFLICT (item_id) DO UPDATE SET {_SET_ALL}"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _PgStaging:
+    """The SQL of the PostgreSQL path: a per-connection staging table, filled by COPY, merged in one INSERT."""
+
+    prepare: str
+    copy: str
+    merge: str
+
+
+@functools.cache
+def _pg_staging() -> _PgStaging:
+    dialect = postgresql.dialect()
+    columns = ", ".join(f"{name} {_items.c[name].type.compile(dialect=dialect)}" for name in _UPSERT_COLUMNS)
+    # The name carries a digest of the column list: a connection that outlives a schema change (a pooler's
+    # server connection) never reuses a staging table of the wrong shape.
+    table = f"invsort_catalog_upsert_{hashlib.sha1(columns.encode(), usedforsecurity=False).hexdigest()[:10]}"
+    return _PgStaging(
+        # No constraints on the staging table: they are checked by the merge, which SQLAlchemy runs, so a
+        # violation raises the usual sqlalchemy.exc.IntegrityError. ON COMMIT DELETE ROWS empties it after
+        # every transaction; the DELETE empties it between two calls in one transaction.
+        prepare=f"CREATE TEMPORARY TABLE IF NOT EXISTS {table} ({columns}) ON COMMIT DELETE ROWS; DELETE FROM {table}",
+        copy=f"COPY {table} ({_COLUMN_LIST}) FROM STDIN",
+        # ORDER BY: concurrent writers of overlapping items lock their rows in the same order (no deadlock).
+        merge=(
+            f"INSERT INTO catalog_items ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {table} ORDER BY item_id "
+            f"ON CONFLICT (item_id) DO UPDATE SET {_SET_ALL}"
+        ),
+    )
+
+
+def _row_values(rows: Sequence[ItemResult], updated_at: Any) -> list[tuple[Any, ...]]:
+    """One tuple per distinct item in ``_UPSERT_COLUMNS`` order, the last result of each item winning."""
+    dumps = json.dumps  # what SQLAlchemy's JSON type uses by default: the same text on both databases
+    by_id = {
+        r.item_id: (
+            r.item_id,
+            r.image_uri,
+            r.category,
+            r.confidence,
+            dumps(r.topk),
+            r.model_name,
+            r.model_version,
+            r.status,
+            r.error,
+            r.job_id,
+            updated_at,
+        )
+        for r in rows
+    }
+    return list(by_id.values())
+
+
 def upsert_items(*, session: Session, rows: Sequence[ItemResult]) -> int:
-    """Insert or replace the catalog rows of ``rows``, keyed by ``item_id``, in one batched statement.
+    """Insert or replace the catalog rows of ``rows``, keyed by ``item_id``, with one batched write.
 
     ``INSERT ... ON CONFLICT (item_id) DO UPDATE`` sets every column of an existing row to the new values,
     with one ``updated_at`` (now, UTC) for the whole call. If ``rows`` names an item more than once, its last
     result wins. Runs in the caller's transaction and does not commit; an empty ``rows`` does nothing.
+
+    On PostgreSQL (psycopg 3) the rows are sent with ``COPY`` into a temporary staging table of the session's
+    connection (created on first use, emptied at commit; needs the ``TEMPORARY`` privilege, which PostgreSQL
+    grants to everyone by default) and merged with one ``INSERT ... SELECT``. On SQLite they go through one
+    prepared statement with ``executemany``. Either way there is no per-row SQLAlchemy work: figures are in
+    ``pipeline/bench_catalog.py``.
 
     Returns:
         The number of distinct items written.
 
     Raises:
         sqlalchemy.exc.IntegrityError: a row breaks a constraint (e.g. an unknown ``status``).
-        InvsortError: the session is not bound to SQLite or PostgreSQL.
+        sqlalchemy.exc.DataError: a value does not fit its column (e.g. a NUL character in a string).
+        InvsortError: the session is not bound to SQLite or PostgreSQL with psycopg 3.
     """
     if not rows:
         return 0
+    connection = session.connection(bind_arguments={"mapper": CatalogItem})
+    dialect = connection.dialect
     now = _now()
-    # Last result per item: one statement must not touch the same row twice (PostgreSQL refuses it).
-    by_id: dict[str, dict[str, Any]] = {}
-    for r in rows:
-        by_id[r.item_id] = {
-            "item_id": r.item_id,
-            "image_uri": r.image_uri,
-            "category": r.category,
-            "confidence": r.confidence,
-            "topk": [list(pair) for pair in r.topk],
-            "model_name": r.model_name,
-            "model_version": r.model_version,
-            "status": r.status,
-            "error": r.error,
-            "job_id": r.job_id,
-            "updated_at": now,
-        }
-    stmt = _insert(session, _items)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[_items.c.item_id],
-        set_={name: stmt.excluded[name] for name in _ITEM_COLUMNS if name != "item_id"},
-    )
-    # A list of parameter sets: one executemany (batched by the driver / SQLAlchemy), not a statement per row.
-    session.execute(stmt, list(by_id.values()))
-    return len(by_id)
+    if dialect.name == "sqlite":
+        # Stored as SQLAlchemy stores it (UTC text), converted once for the whole call.
+        process = _items.c.updated_at.type.dialect_impl(dialect).bind_processor(dialect)
+        values = _row_values(rows, process(now) if process else now)
+        connection.exec_driver_sql(_SQLITE_UPSERT, values)
+        return len(values)
+    if dialect.name != "postgresql":
+        raise InvsortError(f"unsupported database dialect {dialect.name!r}: use SQLite or PostgreSQL")
+    if dialect.driver != "psycopg":
+        raise InvsortError(f"PostgreSQL driver {dialect.driver!r} is not supported: use postgresql+psycopg://")
+    values = _row_values(rows, now)
+    sql = _pg_staging()
+    dbapi_error = dialect.loaded_dbapi.Error
+    try:
+        with connection.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
+            cursor.execute(sql.prepare)
+            with cursor.copy(sql.copy) as copy:
+                for value in values:
+                    copy.write_row(value)
+    except dbapi_error as exc:
+        # Straight from the driver: wrap it as SQLAlchemy would have (DataError, OperationalError, ...).
+        raise DBAPIError.instance(sql.copy, None, exc, dbapi_error, dialect=dialect) from exc
+    connection.exec_driver_sql(sql.merge)
+    return len(values)
 
 
 def create_job(

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from pipeline.errors import ConfigError, ImageError
 from pipeline.images import decode_image, to_model_input
 from pipeline.modelfile import ModelFile
 from pipeline.records import Item, ItemResult
+from pipeline.runtimes import RuntimeSession, check_runtime_name, load_session
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +55,40 @@ class Predictor:
         device: ``auto``, ``cpu`` or ``cuda``.
         review_threshold: confidence (0..1) below which rows get ``needs_review``; None uses the model
             file's own threshold.
+        runtime: what runs the network: ``torch``, or ``onnxruntime`` / ``openvino`` (the network exported to
+            ONNX once per model version and checked against PyTorch, :mod:`pipeline.runtimes`). Those two run
+            on the CPU: with them ``auto`` means ``cpu``, and ``cuda`` is refused.
+        runtime_cache_dir: folder of the ONNX exports (None: ``~/.cache/invsort/onnx``).
+
+    Raises:
+        ConfigError: unknown device or runtime, ``cuda`` with a CPU runtime or without a GPU, the runtime's
+            package missing (the message names the extra to install), or the runtime disagreeing with PyTorch.
     """
 
-    def __init__(self, model_file: ModelFile, *, device: str = "auto", review_threshold: float | None = None):
+    def __init__(
+        self,
+        model_file: ModelFile,
+        *,
+        device: str = "auto",
+        review_threshold: float | None = None,
+        runtime: str = "torch",
+        runtime_cache_dir: str | Path | None = None,
+    ):
         self.model_file = model_file
+        self.runtime = check_runtime_name(runtime)
+        if runtime != "torch":
+            if device == "cuda":
+                raise ConfigError(
+                    f"INVSORT_RUNTIME={runtime} runs on the CPU; with INVSORT_DEVICE=cuda use INVSORT_RUNTIME=torch"
+                )
+            device = "cpu" if device == "auto" else device
         self.device = resolve_device(device)
-        self.model = model_file.build().to(self.device, memory_format=torch.channels_last)
+        self.model: torch.nn.Module | None = None
+        self.session: RuntimeSession | None = None
+        if runtime == "torch":
+            self.model = model_file.build().to(self.device, memory_format=torch.channels_last)
+        else:
+            self.session = load_session(model_file, runtime, cache_dir=runtime_cache_dir)
         c = model_file.in_chans
         self.mean = torch.tensor(model_file.mean, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
         self.std = torch.tensor(model_file.std, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
@@ -74,6 +104,26 @@ class Predictor:
     def input_size(self) -> tuple[int, int]:
         return self.model_file.input_size
 
+    def predict_logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch, from whichever runtime this predictor uses.
+
+        Args:
+            batch: ``(N, H, W, C)`` uint8 on the CPU (pinned memory makes the GPU copy asynchronous).
+
+        Returns:
+            ``(N, num_classes)`` float32 on the CPU.
+        """
+        x = batch.to(self.device, non_blocking=True)
+        if self.session is not None:
+            with torch.inference_mode():
+                inputs = to_model_input(x, self.mean, self.std).contiguous()  # ONNX graphs take plain NCHW
+            return torch.from_numpy(self.session.logits(inputs.numpy()))
+        assert self.model is not None
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.is_cuda else nullcontext()
+        with torch.inference_mode(), autocast:
+            logits = self.model(to_model_input(x, self.mean, self.std))
+        return logits.float().cpu()
+
     def predict_probs(self, batch: torch.Tensor) -> torch.Tensor:
         """Class probabilities for a batch.
 
@@ -83,12 +133,9 @@ class Predictor:
         Returns:
             ``(N, num_classes)`` float32 on the CPU, rows summing to 1 (softmax of logits / temperature).
         """
-        x = batch.to(self.device, non_blocking=True)
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.is_cuda else nullcontext()
-        with torch.inference_mode(), autocast:
-            logits = self.model(to_model_input(x, self.mean, self.std))
-            probs = torch.softmax(logits.float() / self.temperature, dim=1)
-        return probs.cpu()
+        logits = self.predict_logits(batch)
+        with torch.inference_mode():
+            return torch.softmax(logits / self.temperature, dim=1)
 
     def results(self, items: list[Item], probs: torch.Tensor, job_id: str | None) -> list[ItemResult]:
         """Rows for ``items`` (same order as ``probs``' rows)."""

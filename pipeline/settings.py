@@ -34,6 +34,14 @@ class Settings(BaseSettings):
     )
     batch_size: int = Field(64, description="Images per inference batch (1..4096).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where inference runs.")
+    runtime: Literal["torch", "onnxruntime", "openvino"] = Field(
+        "torch",
+        description="What runs the network on the CPU: torch, or the model exported to ONNX and run by "
+        "onnxruntime or openvino (needs the 'onnx' extra; device auto then means cpu, cuda is refused).",
+    )
+    runtime_cache_dir: Path | None = Field(
+        None, description="Folder of the ONNX exports, one per model version [default: ~/.cache/invsort/onnx]."
+    )
     decode_workers: int = Field(
         0, description="Threads that fetch and decode images; 0 picks min(8, CPU count)."
     )

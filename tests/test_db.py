@@ -7,11 +7,12 @@ import random
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import delete, event, func, select, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
 from db import catalog
@@ -176,6 +177,161 @@ def test_upsert_ten_thousand_rows_in_one_call(db_session):
 def test_status_check_rejects_unknown_status(db_session):
     with pytest.raises(IntegrityError):
         catalog.upsert_items(session=db_session, rows=[_result("bad", status="bogus")])
+
+
+# Strings that break naive COPY text encoding or JSON escaping: separators, escapes, NULL markers, non-ASCII.
+NASTY = [
+    "tab\there",
+    "line\nbreak",
+    "carriage\rreturn",
+    "back\\slash and \\N and \\t",
+    "\\N",
+    "\\.",
+    "quotes ' \" `",
+    "ünïcödé 商品 📷",
+    "",
+    "trailing space ",
+]
+
+
+def test_upsert_columns_are_every_column_of_the_table():
+    assert sorted(catalog._UPSERT_COLUMNS) == sorted(CatalogItem.__table__.columns.keys())
+
+
+def test_upsert_escapes_awkward_strings_everywhere(db_session):
+    rows = [
+        ItemResult(
+            item_id=f"s3://bucket/{i}/{text_}",
+            image_uri=f"file:///photos/{text_}.jpg",
+            status="failed" if i % 2 else "needs_review",
+            category=text_,
+            confidence=None if i % 2 else 0.5,
+            topk=[[text_, 0.5], ['"quoted" \\ name', 0.25]],
+            error=text_ if i % 2 else None,
+            model_name=text_,
+            model_version=text_[:64],
+            job_id=str(i),
+        )
+        for i, text_ in enumerate(NASTY)
+    ]
+    assert catalog.upsert_items(session=db_session, rows=rows) == len(rows)
+    read = _rows_by_id(db_session)
+    assert len(read) == len(rows)
+    for r in rows:
+        assert read[r.item_id].to_result() == r
+    assert read[rows[4].item_id].category == "\\N", "the string \\N is text, not NULL"
+    assert read[rows[8].item_id].category == "", "an empty string is not NULL"
+    assert read[rows[1].item_id].confidence is None
+
+
+def test_upsert_null_and_non_null_error_both_ways(db_session):
+    failed = ItemResult(item_id="e", image_uri="s3://b/e.jpg", status="failed", error="timeout after 30 s")
+    catalog.upsert_items(session=db_session, rows=[failed, _result("ok", 1)])
+    read = _rows_by_id(db_session)
+    assert read["e"].error == "timeout after 30 s" and read["e"].category is None and read["e"].topk == []
+    assert read["ok"].error is None
+
+    # Re-sorted: the error goes back to NULL and the other way round.
+    catalog.upsert_items(session=db_session, rows=[_result("e", 2), replace(failed, item_id="ok")])
+    read = _rows_by_id(db_session)
+    assert read["e"].to_result() == _result("e", 2) and read["e"].error is None
+    assert read["ok"].to_result() == replace(failed, item_id="ok")
+
+
+def test_upsert_duplicates_in_one_batch_last_wins(db_session):
+    rows = [_result(f"d-{i % 7}", i) for i in range(50)]  # every id 7 or 8 times, interleaved
+    assert catalog.upsert_items(session=db_session, rows=rows) == 7
+    read = _rows_by_id(db_session)
+    assert len(read) == 7
+    for k in range(7):
+        last = max(i for i in range(50) if i % 7 == k)
+        assert read[f"d-{k}"].to_result() == rows[last]
+
+
+def test_reupsert_replaces_fields_and_leaves_other_rows_alone(db_session, monkeypatch):
+    catalog.upsert_items(session=db_session, rows=[_result("keep", 1, job_id="j1"), _result("redo", 1, job_id="j1")])
+    before = _rows_by_id(db_session)
+    later = datetime.now(UTC) + timedelta(seconds=5)
+    new = replace(_result("redo", 9, job_id="j2", status="needs_review"), model_name="other", error="low confidence")
+    monkeypatch.setattr(catalog, "_now", lambda: later)
+    assert catalog.upsert_items(session=db_session, rows=[new]) == 1
+    after = _rows_by_id(db_session)
+    assert after["redo"].to_result() == new
+    assert after["redo"].updated_at == later
+    assert after["keep"] == before["keep"], "a row not in the batch keeps every column, updated_at included"
+    assert db_session.scalar(select(func.count()).select_from(CatalogItem)) == 2
+
+
+def test_upsert_five_thousand_rows_round_trip_exactly(db_session):
+    rows = [
+        ItemResult(
+            item_id=f"s3://invsort-photos/2024/11/{i:06d}-{NASTY[i % len(NASTY)]}.jpg",
+            image_uri=f"s3://invsort-photos/2024/11/{i:06d}.jpg",
+            status="failed" if i % 50 == 0 else "sorted",
+            category=None if i % 50 == 0 else f"class-{i % 10}",
+            confidence=None if i % 50 == 0 else 1 / (i + 3),
+            topk=[] if i % 50 == 0 else [[f"class-{(i + j) % 10}", 1 / (i + 3 + j)] for j in range(5)],
+            error="bad\tjpeg\n" if i % 50 == 0 else None,
+            model_name="fashion_mnist_cnn",
+            model_version="v3",
+            job_id="big",
+        )
+        for i in range(5000)
+    ]
+    assert catalog.upsert_items(session=db_session, rows=rows) == 5000
+    read = list(catalog.iter_items(session=db_session, job_id="big"))
+    assert sorted(r.item_id for r in rows) == sorted(r.item_id for r in read)
+    by_id = {r.item_id: r.to_result() for r in read}
+    assert all(by_id[r.item_id] == r for r in rows), "floats, JSON and strings come back exactly"
+
+
+def test_two_upserts_in_one_transaction_do_not_replay_the_first(db_session):
+    catalog.upsert_items(session=db_session, rows=[_result("first", 1)])
+    db_session.execute(update(CatalogItem).where(CatalogItem.item_id == "first").values(category="edited"))
+    catalog.upsert_items(session=db_session, rows=[_result("second", 2)])
+    read = _rows_by_id(db_session)
+    assert read["first"].category == "edited", "the second call wrote only its own rows"
+    assert read["second"].to_result() == _result("second", 2)
+
+
+def test_failed_upsert_in_a_savepoint_leaves_nothing_behind(db_session):
+    with pytest.raises(IntegrityError), db_session.begin_nested():
+        catalog.upsert_items(session=db_session, rows=[_result("ghost", 1), _result("bad", status="bogus")])
+    assert catalog.upsert_items(session=db_session, rows=[_result("real", 2)]) == 1
+    assert list(_rows_by_id(db_session)) == ["real"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("error", "NUL \x00 inside"), ("item_id", "x" * 1025)],
+    ids=["nul-character", "item-id-too-long"],
+)
+def test_postgresql_data_errors_are_sqlalchemy_errors(pg_session, field, value):
+    row = replace(_result("fine", 1), **{field: value})
+    with pytest.raises(DataError):
+        catalog.upsert_items(session=pg_session, rows=[_result("other", 2), row])
+
+
+def test_concurrent_overlapping_upserts_on_postgresql_do_not_deadlock(pg_url):
+    ids = [f"overlap-{_uid()}" for _ in range(400)]
+    start = threading.Barrier(4)
+
+    def worker(seed: int) -> None:
+        mine = ids[:]
+        random.Random(seed).shuffle(mine)
+        start.wait()
+        for i in range(0, len(mine), 100):
+            with session_scope(pg_url) as session:
+                catalog.upsert_items(session=session, rows=[_result(x, seed) for x in mine[i : i + 100]])
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(worker, range(4)))
+        with session_scope(pg_url) as session:
+            assert session.scalar(select(func.count()).where(CatalogItem.item_id.in_(ids))) == len(ids)
+    finally:
+        with session_scope(pg_url) as session:
+            session.execute(delete(CatalogItem).where(CatalogItem.item_id.in_(ids)))
 
 
 def test_job_status_check_rejects_unknown_status(db_session):
