@@ -1,0 +1,82 @@
+"""pipeline.bench_catalog: tiny runs on real SQLite and PostgreSQL, leaving the user's tables and schemas alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import func, select, text
+
+from db import catalog
+from db.models import CatalogItem
+from db.session import session_scope
+from pipeline.bench_catalog import bench_upserts, main, make_rows
+from pipeline.errors import InvsortError
+from pipeline.records import ItemResult
+
+
+def _catalog_count(url: str) -> int:
+    with session_scope(url) as session:
+        return session.scalar(select(func.count()).select_from(CatalogItem))
+
+
+def _bench_schemas(url: str) -> set[str]:
+    with session_scope(url) as session:
+        return set(session.scalars(text("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'invsort_bench_%'")))
+
+
+def test_make_rows_look_like_the_workers_rows():
+    rows = make_rows(200, job_id="j", seed=3)
+    assert len({r.item_id for r in rows}) == 200
+    assert all(r.item_id.startswith("s3://") and 55 <= len(r.item_id) <= 70 for r in rows)
+    ok = [r for r in rows if r.status != "failed"]
+    failed = [r for r in rows if r.status == "failed"]
+    assert ok and failed and {r.status for r in ok} == {"sorted", "needs_review"}
+    assert all(len(r.topk) == 5 and r.topk[0] == [r.category, r.confidence] and r.error is None for r in ok)
+    assert all(r.error and r.category is None and r.topk == [] for r in failed)
+    again = make_rows(200, job_id="j", seed=4)
+    assert [r.item_id for r in again] == [r.item_id for r in rows] and again[0].category != rows[0].category
+
+
+@pytest.mark.parametrize("batch_size", [64, 500])
+def test_bench_upserts_reports_sane_figures_and_leaves_the_catalog_alone(db_url, batch_size):
+    mine = ItemResult(item_id="user-row", image_uri="s3://b/u.jpg", status="sorted", category="Bag", confidence=0.9)
+    with session_scope(db_url) as session:
+        catalog.upsert_items(session=session, rows=[mine])
+    before = _catalog_count(db_url)
+    schemas = _bench_schemas(db_url) if db_url.startswith("postgresql") else set()
+
+    result = bench_upserts(db_url, rows=500, batch_size=batch_size)
+
+    assert result["backend"] in ("sqlite", "postgresql") and db_url.startswith(result["backend"])
+    assert (result["rows"], result["batch_size"]) == (500, batch_size)
+    for name in ("fresh", "reupsert"):
+        assert result[f"{name}_s"] > 0 and result[f"{name}_rows_per_s"] > 0
+        assert result[f"{name}_rows_per_s"] == pytest.approx(500 / result[f"{name}_s"], rel=0.01)
+    assert _catalog_count(db_url) == before, "the benchmark wrote into a scratch table, not the user's"
+    with session_scope(db_url) as session:
+        assert [r.to_result() for r in catalog.iter_items(session=session) if r.item_id == "user-row"] == [mine]
+        session.execute(CatalogItem.__table__.delete().where(CatalogItem.item_id == "user-row"))
+    if db_url.startswith("postgresql"):
+        assert _bench_schemas(db_url) == schemas, "the scratch schema is dropped"
+
+
+def test_bench_upserts_on_sqlite_removes_its_scratch_file(sqlite_url, tmp_path):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    bench_upserts(sqlite_url, rows=50, batch_size=16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_bench_upserts_rejects_nonsense(sqlite_url):
+    with pytest.raises(ValueError, match="at least 1"):
+        bench_upserts(sqlite_url, rows=0)
+    with pytest.raises(ValueError, match="at least 1"):
+        bench_upserts(sqlite_url, rows=10, batch_size=0)
+    with pytest.raises(InvsortError, match="SQLite or PostgreSQL"):
+        bench_upserts("mysql://localhost/catalog", rows=10)
+
+
+def test_main_prints_one_json_line_per_batch_size(sqlite_url, capsys):
+    main([sqlite_url, "--rows", "40", "--batch-size", "8", "40"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["batch_size"] for line in lines] == [8, 40]
