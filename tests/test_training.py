@@ -170,8 +170,8 @@ def test_footwear_transfer_learning_sorts_unseen_photos(tmp_path):
     model = tmp_path / "shoes.pt"
     result = CliRunner().invoke(main, [
         "train", str(tmp_path / "train"), "--out", str(model), "--arch", "mobilenet_v2",
-        "--weights", str(MOBILENET_WEIGHTS), "--image-size", "102x136", "--epochs", "4", "--lr", "3e-3", "--augment", "none",
-        "--freeze-backbone", "--no-progress",
+        "--weights", str(MOBILENET_WEIGHTS), "--image-size", "102x136", "--epochs", "4", "--lr", "3e-3",
+        "--augment", "none", "--freeze-backbone", "--no-progress",
     ])
     assert result.exit_code == 0, result.output
     url = f"sqlite:///{tmp_path}/shoes.db"

@@ -332,7 +332,11 @@ def train(data_dir: str, out: str, image_size: str | None, grayscale: bool | Non
         overrides["image_size"] = _parse_size(image_size)
     if grayscale is not None:
         overrides["in_chans"] = 1 if grayscale else 3
-    run_train(data_dir, out, None, overrides=overrides, resume=resume, progress=not no_progress, log_fn=click.echo)
+    def log_line(line: str) -> None:  # flushed: a long run's log is read while it is written (tail -f)
+        click.echo(line)
+        sys.stdout.flush()
+
+    run_train(data_dir, out, None, overrides=overrides, resume=resume, progress=not no_progress, log_fn=log_line)
 
 
 @main.command("models")
@@ -363,6 +367,61 @@ def model_info(model: str) -> None:
         sel = test.get("at_threshold", {})
         click.echo(f"test top-1 accuracy {test['accuracy']:.4f} on {test['n']} images; at the threshold precision "
                    f"{sel.get('precision', float('nan')):.4f}, coverage {sel.get('coverage', 0):.3f}")
+
+
+@main.command()
+@click.argument("source")
+@click.option("--model", "model", default=None, help="Model file: path or bundled:NAME [default: INVSORT_MODEL_PATH, "
+              "else the bundled Fashion-MNIST model].")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use the first N images (stable order).")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True,
+              help="Images per batch in every batched peer.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report here.")
+@click.option("--db-url", "db_urls", multiple=True, help="Also run invsort into this database (PostgreSQL: in a "
+              "scratch schema, dropped afterwards); repeatable. A temporary SQLite file is always used.")
+@click.option("--peer", "peers", multiple=True, help="Run only these peers (repeatable): model_only, decode_only, "
+              "naive, ray, invsort [default: all].")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Torch threads in the model_only, naive and invsort peers (0: torch's default).")
+@click.option("--ray-config", default=None, help="Fixed Ray layout instead of tuning, e.g. "
+              "'actors=2,cpus=0.75,threads=1,decode=actor' (keys: actors, cpus, threads, decode, read_cpus, "
+              "decode_cpus, batch_size).")
+@click.option("--ray-tune-images", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Images per Ray layout tried before the measured Ray run.")
+@click.option("--upserts", "upsert_rows", type=click.IntRange(min=0), default=0,
+              help="Also time catalog upserts alone with this many rows on each database (0: no).")
+@_handle_errors
+def bench(source: str, model: str | None, limit: int | None, batch_size: int, json_path: str | None,
+          db_urls: tuple[str, ...], peers: tuple[str, ...], threads: int, ray_config: str | None,
+          ray_tune_images: int, upsert_rows: int) -> None:
+    """Measure invsort against its peers on the same images, model and machine; print a table.
+
+    Peers, each in its own process: model_only (forward passes on a batch in memory: the ceiling),
+    decode_only (read + OpenCV decode + normalise, threaded), naive (PIL + torchvision, one image at a time),
+    ray (Ray Data with an actor pool, layout tuned first; needs pip install -e '.[bench]') and invsort
+    (the embedded pipeline writing a fresh catalog). images/s counts from the first image to the last
+    result; imports, model load and Ray start-up are reported apart as setup.
+
+    \b
+    Example:
+      invsort bench examples/images --model bundled:fashion_mnist_cnn --json bench.json
+      invsort bench photos/ --model shoes.pt --limit 2000 --db-url postgresql://postgres@127.0.0.1/catalog
+    """
+    from pipeline.bench import format_table, parse_ray_config, run_bench
+
+    report = run_bench(
+        source, model_spec=model or _settings().model_path, limit=limit, batch_size=batch_size,
+        peers=peers or None, db_urls=db_urls, threads=threads,
+        ray_config=parse_ray_config(ray_config, batch_size=batch_size) if ray_config else None,
+        ray_tune_images=ray_tune_images, upsert_rows=upsert_rows, on_event=lambda line: click.echo(line, err=True),
+    )
+    click.echo(format_table(report))
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+        click.echo(f"report written to {json_path}")
+    failed = [name for name, r in report["peers"].items() if r.get("status") == "error"]
+    if failed:
+        raise click.ClickException(f"peer(s) failed: {', '.join(failed)} (reasons in the table above)")
 
 
 @main.group()
@@ -427,8 +486,9 @@ def data_fashion_mnist(out: str, split: str, idx_dir: str, limit: int | None, ev
 @click.option("--test-fraction", type=float, default=0.1, show_default=True,
               help="Held out per class (ignored when DATA_DIR has its own test/).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--near-dup-distance", type=click.IntRange(0, 64), default=2, show_default=True,
-              help="Perceptual-hash bits that may differ for a near duplicate.")
+@click.option("--near-dup-distance", type=click.IntRange(0, 16), default=8, show_default=True,
+              help="Perceptual-hash distance of a near-duplicate candidate, in 64ths of the hash's bits; "
+                   "the thumbnails must agree too.")
 @click.option("--min-side", type=click.IntRange(min=1), default=32, show_default=True, help="Smallest side, px.")
 @_handle_errors
 def data_check(data_dir: str, manifest: str | None, val_fraction: float, test_fraction: float, seed: int,

@@ -1,0 +1,174 @@
+"""invsort bench: the peers run at a tiny size so the benchmark never rots; figures are checked for sanity only."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from importlib.util import find_spec
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import func, select, text
+
+from db.models import CatalogItem
+from db.session import session_scope
+from pipeline.bench import PEERS, RayConfig, _figures, format_table, parse_ray_config, ray_candidates, run_bench
+from pipeline.errors import ConfigError, SourceError
+from tests.images import EXAMPLES, FOOTWEAR_TAR, MOBILENET_WEIGHTS
+from worker.cli import main
+
+HAS_RAY = find_spec("ray") is not None
+# One small fixed layout (no tuning): the test checks that the Ray peer works, not which layout is fastest.
+RAY_TEST_CONFIG = "actors=1,cpus=1,threads=1,decode=actor"
+RAY_SKIPPED = {"status": "skipped", "reason": "ray is not installed: pip install -e '.[bench]'"}
+
+
+def run_cli(args: list[str]):
+    result = CliRunner().invoke(main, ["bench", *args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def check_report(report: dict, *, images: int, peers: set[str]) -> None:
+    assert report["images"] == images and report["timing"]
+    assert set(report["peers"]) == peers
+    for name, r in report["peers"].items():
+        if name == "ray" and not HAS_RAY:
+            assert r == RAY_SKIPPED
+            continue
+        assert r["status"] == "ok", (name, r.get("reason"))
+        assert r["images"] == images, name
+        assert r["images_per_s"] > 0 and r["seconds"] > 0, name
+        assert r["images_per_s"] == pytest.approx(images / r["seconds"], rel=0.01), name
+        assert 0 < r["batch_ms_p50"] <= r["batch_ms_p95"], name
+        assert r["peak_rss_mib"] > 50 and r["setup_s"] >= 0 and r["config"], name
+        assert r["model"]["version"] == report["model"]["version"], name
+
+
+def test_parse_ray_config_reads_keys_and_refuses_nonsense():
+    assert parse_ray_config("actors=2, cpus=0.75,threads=1,decode=tasks", batch_size=32) == RayConfig(
+        actors=2, cpus=0.75, threads=1, decode="tasks", batch_size=32
+    )
+    for bad, words in [("actor=2", "key among"), ("actors=two", "must be int"), ("decode=gpu", "'actor' or 'tasks'"),
+                       ("cpus=0", "> 0"), ("actors=0", "actors >= 1")]:
+        with pytest.raises(ConfigError, match=words):
+            parse_ray_config(bad)
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 4, 16])
+def test_ray_candidates_leave_room_for_a_read_task(cpus):
+    """Actors that reserve every logical CPU starve the read tasks and Ray Data waits for ever."""
+    candidates = ray_candidates(cpus, 64)
+    assert len(candidates) == len(set(candidates)) >= 2
+    for cfg in candidates:
+        busy = cfg.actors * cfg.cpus + cfg.read_cpus + (cfg.decode_cpus if cfg.decode == "tasks" else 0)
+        assert busy <= cpus + 1e-9, cfg
+        assert cfg.batch_size == 64 and cfg.actors * cfg.threads <= cpus
+
+
+def test_figures_count_from_the_first_image_to_the_last_result():
+    f = _figures(30, 10.0, [10.1, 10.2, 10.6])
+    assert f["seconds"] == pytest.approx(0.6) and f["images_per_s"] == pytest.approx(50.0)
+    assert f["batches"] == 3 and f["batch_ms_p50"] == pytest.approx(100.0) and f["batch_ms_p95"] == pytest.approx(370)
+
+
+def test_run_bench_refuses_unknown_peers_and_sources_that_are_not_folders(tmp_path):
+    with pytest.raises(ConfigError, match="valid: model_only"):
+        run_bench(str(EXAMPLES), model_spec="bundled:fashion_mnist_cnn", peers=["spark"])
+    with pytest.raises(SourceError, match="local folder"):
+        run_bench("s3://bucket/photos", model_spec="bundled:fashion_mnist_cnn", peers=["naive"])
+    with pytest.raises(SourceError, match="no images"):
+        run_bench(str(tmp_path), model_spec="bundled:fashion_mnist_cnn", peers=["naive"])
+
+
+def test_table_shows_figures_ratios_and_why_a_peer_is_missing():
+    ok = {"status": "ok", "images": 8, "images_per_s": 40.0, "batch_ms_p50": 5.0, "batch_ms_p95": 9.0,
+          "peak_rss_mib": 700.0, "setup_s": 2.0, "config": {"batch_size": 4}}
+    report = {
+        "peers": {"model_only": {**ok, "images_per_s": 80.0}, "ray": {"status": "skipped", "reason": "no ray"},
+                  "naive": {"status": "error", "reason": "Traceback ...\nValueError: broken"}, "invsort_sqlite": ok},
+        "ratios": {"invsort_sqlite": {"over_model_only": 0.5, "over_naive": None, "over_ray": None}},
+        "model": {"spec": "bundled:x", "arch": "cnn", "input_size": [28, 28]}, "batch_size": 4,
+        "machine": {"cpu_count": 2},
+    }
+    table = format_table(report)
+    assert "skipped: no ray" in table and "error: ValueError: broken" in table
+    assert "model-only 0.50x, naive -, ray -" in table
+    assert [line.split()[:3] for line in table.splitlines() if line.startswith("invsort_sqlite  ")] == [
+        ["invsort_sqlite", "8", "40.0"]
+    ]
+
+
+@pytest.mark.slow
+def test_bench_cli_on_the_examples_runs_every_peer(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli([str(EXAMPLES), "--model", "bundled:fashion_mnist_cnn", "--limit", "40", "--batch-size", "16",
+                      "--json", str(out), "--ray-config", RAY_TEST_CONFIG])
+    report = json.loads(out.read_text())
+    check_report(report, images=40, peers={"model_only", "decode_only", "naive", "ray", "invsort_sqlite"})
+    assert report["batch_size"] == 16 and report["model"]["input_size"] == [28, 28]
+    assert report["peers"]["invsort_sqlite"]["rows_written"] == 40
+    assert report["peers"]["naive"]["config"]["batch_size"] == 1
+    if HAS_RAY:
+        ray = report["peers"]["ray"]
+        assert ray["config"]["actors"] == 1 and ray["processes"] > 1 and ray["peak_pss_mib"] > 0
+        assert report["ray_tuning"] == []  # a given layout is not tuned
+    ratios = report["ratios"]["invsort_sqlite"]
+    assert ratios["over_model_only"] > 0 and ratios["over_naive"] > 0
+    assert (ratios["over_ray"] is not None) == HAS_RAY
+    for peer in ("model_only", "decode_only", "naive", "ray", "invsort_sqlite"):
+        assert f"\n{peer} " in result.stdout
+    assert set(PEERS) == {"model_only", "decode_only", "naive", "ray", "invsort"}
+
+
+@pytest.mark.slow
+def test_bench_writes_postgresql_rows_in_a_scratch_schema_it_drops(pg_url, tmp_path):
+    with session_scope(pg_url) as session:
+        before = session.scalar(select(func.count()).select_from(CatalogItem))
+    out = tmp_path / "bench.json"
+    run_cli([str(EXAMPLES), "--model", "bundled:fashion_mnist_cnn", "--limit", "20", "--peer", "invsort",
+             "--db-url", pg_url, "--json", str(out)])
+    report = json.loads(out.read_text())
+    check_report(report, images=20, peers={"invsort_sqlite", "invsort_postgresql"})
+    assert "scratch schema invsort_bench_" in report["peers"]["invsort_postgresql"]["config"]["database"]
+    assert report["peers"]["invsort_postgresql"]["rows_written"] == 20
+    with session_scope(pg_url) as session:
+        assert session.scalar(select(func.count()).select_from(CatalogItem)) == before
+        left = session.scalars(text("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'invsort_bench_%'")).all()
+    assert left == []
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+@pytest.mark.skipif(not (FOOTWEAR_TAR.exists() and MOBILENET_WEIGHTS.exists()),
+                    reason="../shared footwear photos or ImageNet weights not present (a user's clone)")
+def test_bench_cli_on_footwear_photos_with_mobilenet(tmp_path):
+    from pipeline.modelfile import ModelFile, save_model_file
+    from pipeline.models import IMAGENET_MEAN, IMAGENET_STD, create_model
+
+    photos = tmp_path / "photos"
+    with tarfile.open(FOOTWEAR_TAR) as tar:
+        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg")),
+                         key=lambda m: m.name)[:64]
+        tar.extractall(photos, members=members, filter="data")
+    net = create_model("mobilenet_v2", num_classes=3, weights=str(MOBILENET_WEIGHTS))
+    model = tmp_path / "shoes.pt"
+    save_model_file(ModelFile(arch="mobilenet_v2", class_names=["Boot", "Sandal", "Shoe"], in_chans=3,
+                              input_size=(136, 102), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                              state_dict=net.state_dict()), model)
+    out = tmp_path / "bench.json"
+    peers = ["model_only", "decode_only", "naive", "invsort"]  # Ray is covered on the examples, and slow here
+    run_cli([str(photos), "--model", str(model), "--batch-size", "32", "--json", str(out),
+             *(arg for p in peers for arg in ("--peer", p))])
+    report = json.loads(out.read_text())
+    check_report(report, images=64, peers={"model_only", "decode_only", "naive", "invsort_sqlite"})
+    assert report["model"]["arch"] == "mobilenet_v2" and report["peers"]["decode_only"]["failed"] == 0
+
+
+def test_without_ray_the_ray_peer_is_skipped_with_the_install_hint(monkeypatch):
+    import pipeline.bench
+
+    monkeypatch.setattr(pipeline.bench, "find_spec", lambda name: None if name == "ray" else find_spec(name))
+    report = run_bench(str(EXAMPLES), model_spec="bundled:fashion_mnist_cnn", limit=4, peers=["ray"])
+    assert report["peers"] == {"ray": RAY_SKIPPED}
+    assert report["machine"]["ray"] is None and report["ratios"] == {}
