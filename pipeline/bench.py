@@ -44,7 +44,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -499,47 +498,18 @@ def peer_ray(spec: dict[str, Any]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _scratch_database(url: str | None) -> Iterator[tuple[str, str]]:
-    """``(scratch URL, description)``: a migrated empty catalog, removed on exit.
+    """``(scratch URL, description)``: a migrated empty catalog next to ``url``'s, removed on exit (see
+    :func:`pipeline.bench_catalog.scratch_database`); None: a fresh SQLite file in a temporary directory."""
+    from db.session import safe_url
+    from pipeline.bench_catalog import scratch_database
 
-    None: a SQLite file in a new temporary directory. A SQLite URL: a file in a temporary directory beside
-    its file (same disk). PostgreSQL: a new schema ``invsort_bench_<hex>`` in that database, used through
-    ``search_path`` and dropped with everything in it; the user's tables are never touched.
-    """
-    from sqlalchemy import text
-    from sqlalchemy.engine import make_url
-
-    from db.migrate import upgrade
-    from db.session import dispose_engines, get_engine, safe_url, sqlite_path
-
-    if url is None or make_url(url).get_backend_name() == "sqlite":
-        path = sqlite_path(url) if url else None
-        parent = path.parent if path is not None and path.parent.is_dir() else None
-        with tempfile.TemporaryDirectory(prefix="invsort-bench-", dir=parent) as tmp:
-            scratch = f"sqlite:///{Path(tmp) / 'catalog.db'}"
-            try:
-                upgrade(scratch)
-                yield scratch, f"sqlite (fresh file in {tmp})"
-            finally:
-                dispose_engines(scratch)
+    if url is None:
+        with tempfile.TemporaryDirectory(prefix="invsort-bench-") as tmp, \
+                scratch_database(f"sqlite:///{Path(tmp) / 'catalog.db'}") as scratch:
+            yield scratch, "sqlite (fresh file in a temporary directory)"
         return
-    u = make_url(url)
-    if u.get_backend_name() != "postgresql":
-        raise ConfigError(f"--db-url must be a SQLite or PostgreSQL URL, got {safe_url(url)}")
-    schema = f"invsort_bench_{uuid.uuid4().hex[:12]}"
-    engine = get_engine(url)
-    quoted = engine.dialect.identifier_preparer.quote_identifier(schema)
-    options = " ".join(filter(None, [u.query.get("options"), f"-csearch_path={schema}"]))  # type: ignore[list-item]
-    scratch = u.update_query_dict({"options": options}).render_as_string(hide_password=False)
-    with engine.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {quoted}"))
-    try:
-        upgrade(scratch)
-        yield scratch, f"{safe_url(url)} (scratch schema {schema})"
-    finally:
-        dispose_engines(scratch)
-        with engine.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA IF EXISTS {quoted} CASCADE"))
-        dispose_engines(url)
+    with scratch_database(url) as scratch:
+        yield scratch, f"{safe_url(url)} (scratch database or schema)"
 
 
 def peer_invsort(spec: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from db.catalog import upsert_items
 from db.migrate import upgrade
 from db.models import CatalogItem
 from db.session import dispose_engines, get_engine, safe_url, session_scope, sqlite_path
-from pipeline.errors import InvsortError
+from pipeline.errors import ConfigError, InvsortError
 from pipeline.records import ItemResult
 
 __all__ = ["bench_upserts", "make_rows"]
@@ -81,7 +81,7 @@ def make_rows(n: int, *, job_id: str, seed: int = 0) -> list[ItemResult]:
 
 
 @contextmanager
-def _scratch_url(url: str) -> Iterator[str]:
+def scratch_database(url: str) -> Iterator[str]:
     """A migrated, empty scratch database next to ``url``'s, removed on exit.
 
     PostgreSQL: a new schema ``invsort_bench_<hex>`` in the same database, used through ``search_path``, then
@@ -102,7 +102,7 @@ def _scratch_url(url: str) -> Iterator[str]:
                 dispose_engines(scratch)
         return
     if backend != "postgresql":
-        raise InvsortError(f"unsupported database {safe_url(url)}: use SQLite or PostgreSQL")
+        raise ConfigError(f"unsupported database {safe_url(url)}: use a SQLite or PostgreSQL URL")
 
     schema = f"invsort_bench_{uuid.uuid4().hex[:12]}"
     engine = get_engine(url)
@@ -152,7 +152,7 @@ def bench_upserts(url: str, *, rows: int = 100_000, batch_size: int = 256) -> di
         raise ValueError(f"rows and batch_size must be at least 1, got rows={rows}, batch_size={batch_size}")
     job_id = str(uuid.uuid4())
     first, second = make_rows(rows, job_id=job_id, seed=0), make_rows(rows, job_id=job_id, seed=1)
-    with _scratch_url(url) as scratch:
+    with scratch_database(url) as scratch:
         with session_scope(scratch) as session:  # connect (and warm the pool) before the clock starts
             session.execute(text("SELECT 1"))
         fresh_s = _upsert_all(scratch, first, batch_size)
