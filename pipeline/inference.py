@@ -2,7 +2,20 @@
 
 The pipeline streams: items are pulled from an iterator one batch at a time, at most ``prefetch_batches``
 batches are being fetched/decoded ahead of the one in the model, and results leave through a callback per
-batch. Memory is bounded by ``(prefetch_batches + 1) x batch_size`` decoded images whatever the job's size.
+batch. Memory is bounded by ``(prefetch_batches + 1 + inflight_batches) x batch_size`` decoded images whatever
+the job's size.
+
+On the CPU a batch is decoded by OpenCV in the threads, stacked and run through the model, one at a time. On a
+CUDA GPU (:class:`_BatchRunner`):
+
+- each batch is stacked into a reusable pinned host buffer and copied with ``non_blocking=True``; it is
+  normalised on the GPU (:func:`pipeline.images.to_model_input`) and run under fp16 autocast;
+- two batches are in flight, each on its own CUDA stream with its own pinned buffers: batch i+1 is gathered,
+  decoded and queued while batch i computes; probabilities come back by a ``non_blocking`` copy into pinned
+  memory and are read after the batch's CUDA event has fired;
+- JPEGs are decoded on the GPU by nvJPEG a batch at a time and resized there (``INVSORT_GPU_DECODE``,
+  :func:`pipeline.images.decode_jpeg_batch`); the threads then only fetch the bytes and read the JPEG headers,
+  and decode with OpenCV what nvJPEG does not take (PNG, CMYK, EXIF-rotated, damaged files).
 """
 
 from __future__ import annotations
@@ -20,7 +33,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import ConfigError, ImageError
-from pipeline.images import decode_image, to_model_input
+from pipeline.images import batch_decodable_jpeg, decode_image, decode_jpeg_batch, to_model_input
 from pipeline.modelfile import ModelFile
 from pipeline.records import Item, ItemResult
 from pipeline.runtimes import RuntimeSession, check_runtime_name, load_session
@@ -28,6 +41,9 @@ from pipeline.runtimes import RuntimeSession, check_runtime_name, load_session
 log = logging.getLogger(__name__)
 
 TOP_K = 5
+GPU_DECODE_MODES = ("auto", "on", "off")
+DECODE_BACKENDS = ("opencv", "torchvision")
+CUDA_INFLIGHT_BATCHES = 2
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,6 +63,25 @@ def resolve_device(name: str) -> torch.device:
     raise ConfigError(f"unknown device {name!r}; valid: auto, cpu, cuda")
 
 
+def resolve_decode_backend(gpu_decode: str, device: torch.device) -> str:
+    """Which decoder reads JPEGs: ``torchvision`` (a batch at a time on ``device``, nvJPEG on CUDA) or
+    ``opencv`` (one image at a time in the decode threads).
+
+    ``auto``: torchvision on CUDA, opencv elsewhere; ``on``: torchvision, CUDA only; ``off``: opencv.
+
+    Raises:
+        ConfigError: unknown mode, or ``on`` where inference does not run on CUDA.
+    """
+    if gpu_decode not in GPU_DECODE_MODES:
+        raise ConfigError(f"unknown INVSORT_GPU_DECODE {gpu_decode!r}; valid: {', '.join(GPU_DECODE_MODES)}")
+    if gpu_decode == "on" and device.type != "cuda":
+        raise ConfigError(
+            f"INVSORT_GPU_DECODE=on decodes JPEGs on a CUDA GPU, but inference runs on {device.type}; "
+            "use auto or off"
+        )
+    return "torchvision" if gpu_decode != "off" and device.type == "cuda" else "opencv"
+
+
 class Predictor:
     """A model ready for batched inference.
 
@@ -59,10 +94,18 @@ class Predictor:
             ONNX once per model version and checked against PyTorch, :mod:`pipeline.runtimes`). Those two run
             on the CPU: with them ``auto`` means ``cpu``, and ``cuda`` is refused.
         runtime_cache_dir: folder of the ONNX exports (None: ``~/.cache/invsort/onnx``).
+        gpu_decode: ``auto``, ``on`` or ``off``: decode JPEGs on the GPU (:func:`resolve_decode_backend`); sets
+            :attr:`decode_backend`, which :func:`run_pipeline` uses.
+        torch_compile: run the network through ``torch.compile`` (runtime ``torch`` only). It is compiled here,
+            on a zero batch of ``compile_batch_size`` images, and later batches are padded or split to that size
+            so that it compiles once.
+        compile_batch_size: see ``torch_compile``; use the pipeline's batch size.
 
     Raises:
-        ConfigError: unknown device or runtime, ``cuda`` with a CPU runtime or without a GPU, the runtime's
-            package missing (the message names the extra to install), or the runtime disagreeing with PyTorch.
+        ConfigError: unknown device, runtime or decode mode, ``cuda`` with a CPU runtime or without a GPU,
+            ``gpu_decode="on"`` off CUDA, ``torch_compile`` with another runtime or failing on this machine, the
+            runtime's package missing (the message names the extra to install), or the runtime disagreeing
+            with PyTorch.
     """
 
     def __init__(
@@ -73,6 +116,9 @@ class Predictor:
         review_threshold: float | None = None,
         runtime: str = "torch",
         runtime_cache_dir: str | Path | None = None,
+        gpu_decode: str = "auto",
+        torch_compile: bool = False,
+        compile_batch_size: int = 64,
     ):
         self.model_file = model_file
         self.runtime = check_runtime_name(runtime)
@@ -81,8 +127,14 @@ class Predictor:
                 raise ConfigError(
                     f"INVSORT_RUNTIME={runtime} runs on the CPU; with INVSORT_DEVICE=cuda use INVSORT_RUNTIME=torch"
                 )
+            if torch_compile:
+                raise ConfigError(
+                    f"INVSORT_COMPILE=true compiles the PyTorch network; it needs INVSORT_RUNTIME=torch, not {runtime}"
+                )
             device = "cpu" if device == "auto" else device
         self.device = resolve_device(device)
+        self.is_cuda = self.device.type == "cuda"
+        self.decode_backend = resolve_decode_backend(gpu_decode, self.device)
         self.model: torch.nn.Module | None = None
         self.session: RuntimeSession | None = None
         if runtime == "torch":
@@ -98,7 +150,31 @@ class Predictor:
         self.review_threshold = (
             model_file.review_threshold if review_threshold is None else float(review_threshold)
         )
-        self.is_cuda = self.device.type == "cuda"
+        self.static_batch: int | None = None  # set by torch_compile: every forward pass has this many images
+        if torch_compile:
+            self._compile(compile_batch_size)
+
+    def _compile(self, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"compile_batch_size must be >= 1, got {batch_size}")
+        assert self.model is not None
+        self.model = torch.compile(self.model)
+        h, w = self.input_size
+        zeros = torch.zeros((batch_size, h, w, self.model_file.in_chans), dtype=torch.uint8, device=self.device)
+        try:
+            with torch.inference_mode():
+                self._logits(zeros)
+            if self.is_cuda:
+                torch.cuda.synchronize(self.device)
+        except Exception as exc:  # inductor needs a C++ compiler (CPU) or Triton (GPU); say so at start-up
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise ConfigError(
+                f"INVSORT_COMPILE=true but torch.compile failed on {self.device.type} "
+                f"({type(exc).__name__}: {first}); set INVSORT_COMPILE=false"
+            ) from exc
+        self.static_batch = batch_size
+        log.info("compiled %s with torch.compile for batches of %d on %s", self.model_file.arch, batch_size,
+                 self.device)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -118,11 +194,40 @@ class Predictor:
             with torch.inference_mode():
                 inputs = to_model_input(x, self.mean, self.std).contiguous()  # ONNX graphs take plain NCHW
             return torch.from_numpy(self.session.logits(inputs.numpy()))
-        assert self.model is not None
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.is_cuda else nullcontext()
-        with torch.inference_mode(), autocast:
-            logits = self.model(to_model_input(x, self.mean, self.std))
+        with torch.inference_mode():
+            logits = self._logits(x)
         return logits.float().cpu()
+
+    def probs_on_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """Class probabilities, computed where the batch is (runtime ``torch`` only).
+
+        Args:
+            batch: ``(N, H, W, C)`` uint8 on :attr:`device`.
+
+        Returns:
+            ``(N, num_classes)`` float32 on :attr:`device` (softmax of float32 logits / temperature); on CUDA
+            the work is queued on the current stream, not waited for.
+        """
+        with torch.inference_mode():
+            return torch.softmax(self._logits(batch).float() / self.temperature, dim=1)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, H, W, C)`` uint8 on the device → ``(N, num_classes)`` logits there (fp16 under CUDA autocast).
+        A compiled network sees only ``static_batch``-image batches: others are split and zero-padded."""
+        assert self.model is not None
+        step = self.static_batch
+        if step is not None and x.shape[0] != step:
+            parts = []
+            for start in range(0, x.shape[0], step):
+                part = x[start : start + step]
+                n = part.shape[0]
+                if n < step:
+                    part = torch.cat([part, part.new_zeros((step - n, *part.shape[1:]))])
+                parts.append(self._logits(part)[:n])
+            return torch.cat(parts)
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.is_cuda else nullcontext()
+        with autocast:
+            return self.model(to_model_input(x, self.mean, self.std))
 
     def predict_probs(self, batch: torch.Tensor) -> torch.Tensor:
         """Class probabilities for a batch.
@@ -243,6 +348,8 @@ def run_pipeline(
     prefetch_batches: int = 2,
     max_pixels: int = 100_000_000,
     job_id: str | None = None,
+    decode_backend: str | None = None,
+    inflight_batches: int | None = None,
 ) -> Summary:
     """Sort ``items``: fetch + decode (thread pool) → batched forward pass → ``on_batch(rows)``.
 
@@ -256,21 +363,38 @@ def run_pipeline(
         decode_threads: threads fetching and decoding.
         prefetch_batches: batches fetched/decoded ahead of the one in the model (bounds memory).
         job_id: stored on every row.
+        decode_backend: ``opencv`` (each image in the threads) or ``torchvision`` (JPEGs a batch at a time on
+            the predictor's device, :func:`pipeline.images.decode_jpeg_batch`; other files with OpenCV). None:
+            the predictor's :attr:`Predictor.decode_backend`. ``torchvision`` on the CPU serves tests: it decodes
+            in this thread, so it is slower there than ``opencv``.
+        inflight_batches: batches queued on the device before the oldest one's rows are read. None: 2 on CUDA
+            (one computes while the next is decoded and copied), 1 elsewhere (nothing runs asynchronously).
 
     Returns:
         A :class:`Summary`.
 
     Raises:
+        ConfigError: a bad size, count or decode backend.
         Whatever the ``items`` iterator or ``on_batch`` raises, after every batch pulled before the error
         has gone through ``on_batch`` (nothing already read is lost).
     """
     if batch_size < 1 or decode_threads < 1 or prefetch_batches < 0:
         raise ConfigError("batch_size and decode_threads must be >= 1, prefetch_batches >= 0")
+    backend = predictor.decode_backend if decode_backend is None else decode_backend
+    if backend not in DECODE_BACKENDS:
+        raise ConfigError(f"unknown decode backend {backend!r}; valid: {', '.join(DECODE_BACKENDS)}")
+    depth = inflight_batches if inflight_batches is not None else CUDA_INFLIGHT_BATCHES if predictor.is_cuda else 1
+    if depth < 1:
+        raise ConfigError(f"inflight_batches must be >= 1, got {depth}")
     size, chans = predictor.input_size, predictor.model_file.in_chans
+    gpu_jpegs = backend == "torchvision"
 
-    def load(item: Item) -> np.ndarray | str:
+    def load(item: Item) -> Loaded:
         try:
-            return decode_image(reader.read(item.uri), size=size, in_chans=chans, max_pixels=max_pixels)
+            data = reader.read(item.uri)
+            if gpu_jpegs and batch_decodable_jpeg(data, max_pixels=max_pixels):
+                return _Jpeg(data)
+            return decode_image(data, size=size, in_chans=chans, max_pixels=max_pixels)
         except Exception as exc:  # one bad image fails alone, with its reason
             return describe_error(exc)
 
@@ -278,7 +402,14 @@ def run_pipeline(
     start = time.perf_counter()
     source = _batches(items, batch_size)
     pending: deque[tuple[list[Item], list[Future]]] = deque()
+    launched: deque[_Launched] = deque()
     source_error: BaseException | None = None
+    runner = _BatchRunner(predictor, batch_size=batch_size, depth=depth, max_pixels=max_pixels)
+
+    def emit(batch: _Launched) -> None:
+        rows = runner.finish(batch, job_id)
+        on_batch(rows)
+        summary.add(rows)
 
     with ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="invsort-decode") as pool:
 
@@ -303,10 +434,16 @@ def run_pipeline(
             while pending:
                 chunk, futures = pending.popleft()
                 submit_next()  # keep the decode threads busy while this batch is in the model
-                loaded = [f.result() for f in futures]
-                rows = _infer(chunk, loaded, predictor, job_id)
-                on_batch(rows)
-                summary.add(rows)
+                try:
+                    launched.append(runner.launch(chunk, [f.result() for f in futures]))
+                except BaseException:
+                    while launched:  # batches already on the device are not lost
+                        emit(launched.popleft())
+                    raise
+                if len(launched) >= depth:
+                    emit(launched.popleft())
+            while launched:
+                emit(launched.popleft())
         finally:
             for _, futures in pending:
                 for f in futures:
@@ -317,18 +454,138 @@ def run_pipeline(
     return summary
 
 
-def _infer(chunk: list[Item], loaded: list[np.ndarray | str], predictor: Predictor, job_id) -> list[ItemResult]:
-    good = [i for i, x in enumerate(loaded) if not isinstance(x, str)]
-    rows: list[ItemResult | None] = [None] * len(chunk)
-    if good:
-        arrays = [loaded[i] for i in good]
-        batch = torch.from_numpy(np.stack(arrays))
+@dataclass(frozen=True, slots=True)
+class _Jpeg:
+    """A JPEG left encoded by the decode threads, for :func:`pipeline.images.decode_jpeg_batch`."""
+
+    data: bytes
+
+    def tensor(self) -> torch.Tensor:
+        # A writable copy: torch warns about tensors over read-only buffers such as bytes.
+        return torch.from_numpy(np.frombuffer(bytearray(self.data), dtype=np.uint8))
+
+
+Loaded = np.ndarray | str | _Jpeg  # what a decode thread hands back: image, failure reason, or JPEG bytes
+
+
+@dataclass
+class _Slot:
+    """The CUDA resources of one in-flight batch, reused batch after batch."""
+
+    host_in: torch.Tensor  # (batch_size, H, W, C) uint8, pinned
+    host_out: torch.Tensor  # (batch_size, num_classes) float32, pinned
+    stream: torch.cuda.Stream
+    done: torch.cuda.Event
+
+
+@dataclass
+class _Launched:
+    """A batch handed to the model. ``probs`` row k belongs to ``chunk[order[k]]``; on CUDA it is a view of a
+    pinned buffer that holds the result once ``done`` has fired."""
+
+    chunk: list[Item]
+    reasons: list[str | None]  # per item: why it failed, None when it went through the model
+    order: list[int]
+    probs: torch.Tensor | None
+    done: torch.cuda.Event | None = None
+
+
+class _BatchRunner:
+    """Runs decoded batches through a predictor: synchronously on the CPU; on CUDA asynchronously, ``depth``
+    batches at most in flight, each in a slot of its own (stream, pinned input and output buffers, event).
+
+    The caller :meth:`finish`-es batches in launch order and launches at most ``depth`` before finishing the
+    oldest, so a slot is never refilled while its batch is still being copied or computed.
+    """
+
+    def __init__(self, predictor: Predictor, *, batch_size: int, depth: int, max_pixels: int):
+        self.predictor = predictor
+        self.max_pixels = max_pixels
+        self.slots: list[_Slot] = []
+        self.turn = 0
         if predictor.is_cuda:
-            batch = batch.pin_memory()
-        probs = predictor.predict_probs(batch)
-        for i, row in zip(good, predictor.results([chunk[i] for i in good], probs, job_id), strict=True):
-            rows[i] = row
-    for i, x in enumerate(loaded):
-        if isinstance(x, str):
-            rows[i] = failed_result(chunk[i], x, predictor, job_id)
-    return rows  # type: ignore[return-value]
+            h, w = predictor.input_size
+            shape = (batch_size, h, w, predictor.model_file.in_chans)
+            for _ in range(depth):
+                slot = _Slot(
+                    host_in=torch.empty(shape, dtype=torch.uint8, pin_memory=True),
+                    host_out=torch.empty((batch_size, len(predictor.class_names)), pin_memory=True),
+                    stream=torch.cuda.Stream(device=predictor.device),
+                    done=torch.cuda.Event(),
+                )
+                slot.stream.wait_stream(torch.cuda.current_stream(predictor.device))  # weights, mean, std
+                self.slots.append(slot)
+
+    def launch(self, chunk: list[Item], loaded: list[Loaded]) -> _Launched:
+        """Queue one batch; ``loaded[i]`` is what the decode threads made of ``chunk[i]``."""
+        p = self.predictor
+        reasons = [x if isinstance(x, str) else None for x in loaded]
+        arrays = [(i, x) for i, x in enumerate(loaded) if isinstance(x, np.ndarray)]
+        jpegs = [(i, x) for i, x in enumerate(loaded) if isinstance(x, _Jpeg)]
+        if not arrays and not jpegs:
+            return _Launched(chunk, reasons, [], None)
+        if not self.slots and not jpegs:  # the CPU path: one synchronous forward pass
+            batch = torch.from_numpy(np.stack([a for _, a in arrays]))
+            return _Launched(chunk, reasons, [i for i, _ in arrays], p.predict_probs(batch))
+
+        slot = self.slots[self.turn % len(self.slots)] if self.slots else None
+        self.turn += 1
+        if slot is not None:
+            slot.done.synchronize()  # free already (see the class docstring); cheap insurance for the buffers
+        stream_ctx = torch.cuda.stream(slot.stream) if slot is not None else nullcontext()
+        with stream_ctx:
+            images, order = self._decode_jpegs(jpegs, arrays, reasons) if jpegs else (None, [])
+            order += [i for i, _ in arrays]
+            parts = [] if images is None or not len(images) else [images]
+            if arrays:
+                h, w = p.input_size
+                shape = (len(arrays), h, w, p.model_file.in_chans)
+                host = slot.host_in[: len(arrays)] if slot is not None else torch.empty(shape, dtype=torch.uint8)
+                np.stack([a for _, a in arrays], out=host.numpy())
+                parts.append(host.to(p.device, non_blocking=True))
+            if not parts:
+                return _Launched(chunk, reasons, [], None)
+            x = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if slot is None:
+                return _Launched(chunk, reasons, order, p.predict_probs(x))
+            out = slot.host_out[: len(order)]
+            out.copy_(p.probs_on_device(x), non_blocking=True)
+            slot.done.record(slot.stream)
+        return _Launched(chunk, reasons, order, out, slot.done)
+
+    def _decode_jpegs(
+        self, jpegs: list[tuple[int, _Jpeg]], arrays: list[tuple[int, np.ndarray]], reasons: list[str | None]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Decode ``jpegs`` on the device: ``(images, chunk index of each row)``. The ones torchvision could not
+        decode go to OpenCV: appended to ``arrays`` when it can, their reason into ``reasons`` when not."""
+        p = self.predictor
+        images, ok = decode_jpeg_batch(
+            [j.tensor() for _, j in jpegs], size=p.input_size, in_chans=p.model_file.in_chans, device=p.device
+        )
+        for k in sorted(set(range(len(jpegs))) - set(ok)):
+            i, jpeg = jpegs[k]
+            try:
+                img = decode_image(jpeg.data, size=p.input_size, in_chans=p.model_file.in_chans,
+                                   max_pixels=self.max_pixels)
+            except Exception as exc:
+                reasons[i] = describe_error(exc)
+                continue
+            log.debug("torchvision could not decode item %d of its batch; OpenCV did", i)
+            arrays.append((i, img))
+        return images, [jpegs[k][0] for k in ok]
+
+    def finish(self, batch: _Launched, job_id: str | None) -> list[ItemResult]:
+        """The batch's rows in input order, once its results are in (waits for them on CUDA)."""
+        if batch.done is not None:
+            batch.done.synchronize()
+        p = self.predictor
+        rows: list[ItemResult | None] = [None] * len(batch.chunk)
+        if batch.order:
+            assert batch.probs is not None
+            done = p.results([batch.chunk[i] for i in batch.order], batch.probs, job_id)
+            for i, row in zip(batch.order, done, strict=True):
+                rows[i] = row
+        for i, reason in enumerate(batch.reasons):
+            if reason is not None:
+                rows[i] = failed_result(batch.chunk[i], reason, p, job_id)
+        return rows  # type: ignore[return-value]

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pipeline.errors import ConfigError
 
 BUNDLED_MODEL = "bundled:fashion_mnist_cnn"
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
 class Settings(BaseSettings):
@@ -41,6 +42,16 @@ class Settings(BaseSettings):
     )
     runtime_cache_dir: Path | None = Field(
         None, description="Folder of the ONNX exports, one per model version [default: ~/.cache/invsort/onnx]."
+    )
+    gpu_decode: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Decode JPEGs on the GPU with nvJPEG, a batch at a time, and resize them there: auto (when "
+        "inference runs on CUDA), on (CUDA only) or off (OpenCV in the decode threads).",
+    )
+    compile: bool = Field(
+        False,
+        description="Run the network through torch.compile (runtime torch; compiled once at start-up for the "
+        "batch size, refused at start-up where it fails).",
     )
     decode_workers: int = Field(
         0, description="Threads that fetch and decode images; 0 picks min(8, CPU count)."
@@ -89,6 +100,16 @@ class Settings(BaseSettings):
     def _visibility(cls, v: int) -> int:
         if not 1 <= v <= 604_800:
             raise ValueError(f"INVSORT_VISIBILITY_TIMEOUT_S must be between 1 and 604800 seconds, got {v}")
+        return v
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile(cls, v: object) -> object:
+        if isinstance(v, str):
+            word = v.strip().lower()
+            if word not in _TRUE | _FALSE:
+                raise ValueError(f"INVSORT_COMPILE must be true or false (or 1/0, yes/no, on/off), got {v!r}")
+            return word in _TRUE
         return v
 
     @field_validator("decode_workers")
