@@ -83,7 +83,7 @@ def model_card(mf: ModelFile) -> str:
                          f"{_f(h.get('val_loss'))} | {_f(h.get('val_acc'))} | {h.get('lr', 0):.2e} | "
                          f"{h.get('images_per_s', 0):.0f} |")
     lines.append("")
-    lines.append(f"Best epoch (lowest validation loss): {info.get('best_epoch', 'n/a')}; "
+    lines.append(f"Best epoch (highest validation accuracy): {info.get('best_epoch', 'n/a')}; "
                  f"early stop: {'yes' if info.get('stopped_early') else 'no'}; "
                  f"wall time {info.get('train_seconds', 0):.0f} s.")
     lines += [
