@@ -500,6 +500,8 @@ def peer_ray(spec: dict[str, Any]) -> dict[str, Any]:
 def _scratch_database(url: str | None) -> Iterator[tuple[str, str]]:
     """``(scratch URL, description)``: a migrated empty catalog next to ``url``'s, removed on exit (see
     :func:`pipeline.bench_catalog.scratch_database`); None: a fresh SQLite file in a temporary directory."""
+    from sqlalchemy.engine import make_url
+
     from db.session import safe_url
     from pipeline.bench_catalog import scratch_database
 
@@ -509,7 +511,9 @@ def _scratch_database(url: str | None) -> Iterator[tuple[str, str]]:
             yield scratch, "sqlite (fresh file in a temporary directory)"
         return
     with scratch_database(url) as scratch:
-        yield scratch, f"{safe_url(url)} (scratch database or schema)"
+        options = str(make_url(scratch).query.get("options") or "")
+        schema = options.rpartition("search_path=")[2].split()[0] if "search_path=" in options else ""
+        yield scratch, f"{safe_url(url)} ({f'scratch schema {schema}' if schema else 'scratch file'})"
 
 
 def peer_invsort(spec: dict[str, Any]) -> dict[str, Any]:

@@ -52,9 +52,10 @@ def test_custom_cnn_on_fashion_mnist_subset_beats_chance_and_obeys_its_threshold
     assert sum(data["split_class_counts"]["test"].values()) == 500  # the given test/ folder is the test split
     assert [h["epoch"] for h in mf.info["history"]] == [1, 2, 3]
     assert mf.info["test"]["accuracy"] > 0.5  # chance is 0.1
-    # calibration lowers the validation ECE, and the threshold was chosen for the target precision
+    # temperature scaling lowers the validation NLL it is fitted on (that it lowers the ECE of an over- or
+    # under-confident model is tests/test_calibration.py's; 15-bin ECE on 200 images is too noisy to assert here)
     cal = mf.info["calibration"]
-    assert cal["val_ece_after"] <= cal["val_ece_before"] + 1e-9 and cal["val_nll_after"] <= cal["val_nll_before"]
+    assert cal["val_nll_after"] <= cal["val_nll_before"] + 1e-9 and 0 <= cal["val_ece_after"] < 1
     assert mf.temperature == pytest.approx(cal["temperature"]) and mf.temperature != 1.0
     assert mf.review_threshold == mf.info["threshold"]["threshold"] > 0
     # split manifest, model card and checkpoints are written next to the model
