@@ -502,7 +502,7 @@ def train(
         ConfigError: a bad recipe value (the message names it and its valid range).
         FileNotFoundError, ModelFileError: ``resume`` without a usable checkpoint.
     """
-    from pipeline.calibration import choose_threshold, fit_temperature
+    from pipeline.calibration import choose_threshold, fit_temperature, selective_scores
     from pipeline.dataprep import check_dataset, grouped_split, read_split_manifest, write_split_manifest
     from pipeline.evaluation import compute_metrics, expected_calibration_error
     from pipeline.transforms import batch_mixing, train_preset
@@ -670,7 +670,7 @@ def train(
             "format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step, "config": cfg_dict, "class_names": class_names,
             "data": data_summary, "model": state, "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else {}, "torch_rng": torch.get_rng_state(),
-            "history": history, "best": best, "bad_epochs": bad_epochs, "stopped_early": stopped_early,
+            "history": history, "stopped_early": stopped_early,
         }
         if improved:
             _save_atomic({"format": CHECKPOINT_FORMAT, "epoch": epoch, "model": state}, ckdir / "best.pt")
@@ -725,8 +725,6 @@ def train(
                    temperature=float(calibration["temperature"]),
                    review_threshold=float(threshold_info["threshold"]), info=info)
     if len(te.labels):
-        from pipeline.calibration import selective_scores
-
         probs = F.softmax(predict_logits(model, te.images, mean, std, device=device) / mf.temperature, 1).numpy()
         metrics = compute_metrics(te.labels, probs.argmax(1), probs, class_names)
         metrics.pop("reliability", None)
