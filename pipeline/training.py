@@ -90,7 +90,8 @@ class TrainConfig:
     loader_workers: int = -1  # augmentation processes; -1 = none up to 4 cores (measured: on 2 cores one worker
     # process next to torch's 2 threads made training 5x slower), else cores // 4
     device: str = "auto"
-    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler)
+    amp: bool = True  # mixed precision for the training steps: on CUDA bf16 where supported, else fp16 + GradScaler;
+    # on a CPU with native bf16 (cpu_has_native_bf16) bf16 autocast. Validation, calibration and test stay float32.
     freeze_backbone: bool = False  # train the classifier only (a linear probe)
 
     def validate(self) -> None:
@@ -372,6 +373,25 @@ def train_one_epoch(
              "images_per_s": seen / seconds if seconds else 0.0, "seconds": seconds}, step)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic in hardware (x86 ``avx512_bf16`` or ``amx_bf16``, Arm ``bf16``).
+
+    Read from ``/proc/cpuinfo`` (Linux); False elsewhere. Without it oneDNN emulates bf16 and autocast is
+    slower than float32, so training uses bf16 autocast on the CPU only when this is True. Measured on a
+    2-core AMD EPYC (Zen 4, ``avx512_bf16``), a training step (forward + backward + AdamW) ran at 1.8-2.2x
+    the float32 speed for the custom CNN at 28x28 (batch 128) and 1.4x for mobilenet_v2 at 136x102 (batch 64).
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.partition(":")[2].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def track_validation(history: Sequence[dict]) -> tuple[dict[str, Any], bool, int]:
     """The best epoch, whether the last epoch is it, and the epochs since validation last improved.
 
@@ -605,6 +625,8 @@ def train(
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if amp_dtype == torch.float16:
             scaler = torch.amp.GradScaler("cuda")
+    elif device.type == "cpu" and cfg.amp and cpu_has_native_bf16():
+        amp_dtype = torch.bfloat16
 
     counts = np.bincount(tr.labels, minlength=len(class_names))
     imbalance = counts.max() / max(1, counts.min())
@@ -638,7 +660,8 @@ def train(
     cfg_dict = asdict(cfg)
     cfg_dict["image_size"] = list(size)
     log_fn(f"training {cfg.arch} on {device.type}: {len(tr.labels)} images, {steps_per_epoch} steps/epoch, "
-           f"balance={balance}, augmentation={cfg.policy}, {workers} loader worker(s)")
+           f"balance={balance}, augmentation={cfg.policy}, {workers} loader worker(s), "
+           f"{'float32' if amp_dtype is None else str(amp_dtype).removeprefix('torch.') + ' autocast'} steps")
 
     stopped_early = bool(ck and ck.get("stopped_early"))
     for epoch in range(first_epoch, cfg.epochs + 1):

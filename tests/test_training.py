@@ -3,6 +3,7 @@
 import random
 import shutil
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from db.session import session_scope
 from pipeline.errors import ConfigError, SourceError
 from pipeline.fashion_mnist import DEFAULT_DIR, export_png_tree
 from pipeline.modelfile import load_model_file
-from pipeline.training import TrainConfig, resolve_recipe, scan_folder, train
+from pipeline.training import TrainConfig, cpu_has_native_bf16, resolve_recipe, scan_folder, train
 from tests.images import BAD_IMAGES, FOOTWEAR_TAR, MOBILENET_WEIGHTS
 from worker.cli import main
 
@@ -117,9 +118,16 @@ def test_training_is_repeatable_on_cpu(tmp_path):
         pytest.skip("Fashion-MNIST not installed")
     export_png_tree(tmp_path / "d", "test", every=50)
     cfg = TrainConfig(arch="invsort_cnn", epochs=1, batch_size=32, image_size=(28, 28), in_chans=1, threads=1)
-    a = train(tmp_path / "d", tmp_path / "a.pt", cfg, progress=False, log_fn=_quiet)
+    lines: list[str] = []
+    a = train(tmp_path / "d", tmp_path / "a.pt", cfg, progress=False, log_fn=lines.append)
     b = train(tmp_path / "d", tmp_path / "b.pt", cfg, progress=False, log_fn=_quiet)
     assert a.version == b.version
+    # training steps use bf16 autocast on a CPU with native bf16, float32 elsewhere and with amp off
+    steps = "bfloat16 autocast steps" if cpu_has_native_bf16() else "float32 steps"
+    assert any(line.startswith("training invsort_cnn on cpu") and line.endswith(steps) for line in lines)
+    lines.clear()
+    train(tmp_path / "d", tmp_path / "c.pt", replace(cfg, amp=False), progress=False, log_fn=lines.append)
+    assert any(line.startswith("training invsort_cnn on cpu") and line.endswith("float32 steps") for line in lines)
 
 
 def test_training_folder_needs_two_categories(tmp_path):

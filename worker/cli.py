@@ -306,6 +306,8 @@ def worker(concurrency: int, loglevel: str, hostname: str | None) -> None:
               help="Precision the review threshold must give on validation [0.995].")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [auto].")
 @click.option("--threads", type=click.IntRange(min=0), default=None, help="Torch threads [0 = all cores].")
+@click.option("--amp/--no-amp", default=None,
+              help="Mixed-precision training steps: CUDA, or a CPU with native bf16 (AVX512_BF16/AMX) [on].")
 @click.option("--seed", type=int, default=None, help="Seed of the split, sampling and augmentation [0].")
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt/last.pt with its recipe and split.")
 @click.option("--no-progress", is_flag=True)
