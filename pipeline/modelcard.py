@@ -85,7 +85,8 @@ def model_card(mf: ModelFile) -> str:
     lines.append("")
     lines.append(f"Best epoch (highest validation accuracy): {info.get('best_epoch', 'n/a')}; "
                  f"early stop: {'yes' if info.get('stopped_early') else 'no'}; "
-                 f"wall time {info.get('train_seconds', 0):.0f} s.")
+                 f"wall time {info.get('train_seconds', 0):.0f} s; training steps in "
+                 f"{info.get('step_dtype', 'float32')}.")
     lines += [
         "",
         "## Calibration and review threshold (chosen on the validation split)",

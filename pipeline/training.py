@@ -23,6 +23,7 @@ augmentation and dropout are drawn from seeded generators, and a resumed run con
 from __future__ import annotations
 
 import contextlib
+from datetime import UTC, datetime
 import hashlib
 import logging
 import math
@@ -741,12 +742,14 @@ def train(
         "skipped": data_summary["excluded"], "history": history, "best_epoch": best["epoch"],
         "best_val_acc": best.get("val_acc"), "best_val_loss": best["val_loss"], "stopped_early": stopped_early,
         "calibration": calibration, "threshold": threshold_info, "balance": balance,
+        "step_dtype": "float32" if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
     }
     mf = ModelFile(arch=cfg.arch, class_names=class_names, in_chans=cfg.in_chans,
                    input_size=size,  # type: ignore[arg-type]
                    mean=tuple(mean_t), std=tuple(std_t), state_dict=best_state,
                    temperature=float(calibration["temperature"]),
-                   review_threshold=float(threshold_info["threshold"]), info=info)
+                   review_threshold=float(threshold_info["threshold"]), info=info,
+                   created_at=datetime.now(UTC).isoformat(timespec="seconds"))
     if len(te.labels):
         probs = F.softmax(predict_logits(model, te.images, mean, std, device=device) / mf.temperature, 1).numpy()
         metrics = compute_metrics(te.labels, probs.argmax(1), probs, class_names)
