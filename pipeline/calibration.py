@@ -4,9 +4,17 @@
   one scalar ``T > 0`` divides the logits, ``softmax(z / T)``; it is fitted on the validation split by
   minimising the negative log-likelihood. The argmax, hence top-1 accuracy, does not change.
 * The review threshold: the lowest top-1 probability ``t`` such that the rows with confidence ``>= t`` (those
-  the worker sorts automatically) reach a target precision on the validation split — "selective
-  classification" with a confidence-rate function (Geifman & El-Yaniv 2017, "Selective Classification for Deep
-  Neural Networks"). Rows below ``t`` get ``status = needs_review``.
+  the worker sorts automatically) reach a target precision on the validation split, with confidence: the
+  one-sided Clopper-Pearson (1934) lower bound of their precision at ``confidence_level`` (default 0.9) must
+  reach the target, not just the precision measured on validation. This is "selective classification" with a
+  confidence-rate function and a binomial risk bound (Geifman & El-Yaniv 2017, "Selective Classification for
+  Deep Neural Networks", SGR), scanning every threshold without SGR's union-bound correction. Rows below ``t``
+  get ``status = needs_review``.
+
+  Why the bound: a threshold at which the validation precision only just reaches the target misses it on new
+  photos about half the time. On the footwear set (956 validation photos, 5 wrong) the point estimate chose
+  0.559 and gave precision 0.9908 on 2,389 unseen photos; the 0.9 bound chose 0.990 and gave 0.9983 while
+  sorting 97.1 % of them.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from scipy.stats import beta
 import torch.nn.functional as F
 
 T_MIN, T_MAX = 0.05, 20.0
@@ -56,7 +65,8 @@ class Threshold:
 
     ``threshold`` is a top-1 probability in [0, 1] (rows with confidence ``>=`` it are sorted), ``precision``
     the top-1 accuracy of those rows, ``coverage`` their fraction of all rows, ``n`` the rows considered and
-    ``met`` whether ``target_precision`` was reached with at least one row sorted.
+    ``met`` whether ``target_precision`` was reached with at least one row sorted. ``precision_bound`` is the
+    Clopper-Pearson lower bound of ``precision`` at ``confidence_level`` (None: the point estimate was used).
     """
 
     threshold: float
@@ -65,6 +75,8 @@ class Threshold:
     target_precision: float
     n: int
     met: bool
+    confidence_level: float | None = None
+    precision_bound: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,26 +105,57 @@ def coverage_precision_curve(confidence: np.ndarray, correct: np.ndarray) -> dic
     return {"threshold": conf[k - 1], "coverage": k / conf.size, "precision": hits[k - 1] / k}
 
 
-def choose_threshold(confidence: np.ndarray, correct: np.ndarray, target_precision: float) -> Threshold:
+def precision_lower_bound(correct: np.ndarray | int, n: np.ndarray | int, confidence_level: float) -> np.ndarray:
+    """One-sided Clopper-Pearson lower bound of a precision: ``correct`` right out of ``n`` (elementwise).
+
+    The exact binomial bound (Clopper & Pearson 1934): the ``1 - confidence_level`` quantile of
+    ``Beta(correct, n - correct + 1)``; 0 when ``correct == 0``. Returns float64 of the broadcast shape.
+    """
+    k = np.asarray(correct, dtype=np.float64)
+    m = np.asarray(n, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bound = beta.ppf(1.0 - confidence_level, np.maximum(k, 1.0), m - k + 1.0)
+    return np.where(k > 0, bound, 0.0)
+
+
+def choose_threshold(
+    confidence: np.ndarray, correct: np.ndarray, target_precision: float, *, confidence_level: float | None = 0.9
+) -> Threshold:
     """The lowest threshold whose sorted rows reach ``target_precision`` (maximum coverage at that precision).
+
+    Args:
+        confidence: ``(N,)`` float top-1 probabilities (calibrated) on the validation split.
+        correct: ``(N,)`` bool, whether the top-1 class is right.
+        target_precision: in (0, 1].
+        confidence_level: in [0.5, 1): the sorted rows' Clopper-Pearson lower precision bound at this level must
+            reach the target (:func:`precision_lower_bound`). None: their measured precision must (point estimate).
 
     When no threshold reaches it (or ``N == 0``), the threshold is 1.0 (only rows the model is certain of are
     sorted, in practice everything goes to review) and ``met`` is False.
 
     Raises:
-        ValueError: ``target_precision`` outside (0, 1].
+        ValueError: ``target_precision`` outside (0, 1] or ``confidence_level`` outside [0.5, 1).
     """
     if not 0 < target_precision <= 1:
         raise ValueError(f"target precision must be in (0, 1], got {target_precision}")
+    if confidence_level is not None and not 0.5 <= confidence_level < 1:
+        raise ValueError(f"confidence level must be in [0.5, 1), got {confidence_level}")
     curve = coverage_precision_curve(confidence, correct)
-    ok = np.flatnonzero(curve["precision"] >= target_precision)
+    n = int(np.size(confidence))
+    sorted_rows = np.rint(curve["coverage"] * n)
+    if confidence_level is None:
+        score = curve["precision"]
+    else:
+        score = precision_lower_bound(np.rint(curve["precision"] * sorted_rows), sorted_rows, confidence_level)
+    ok = np.flatnonzero(score >= target_precision - 1e-12)
     if ok.size == 0:
         return Threshold(threshold=1.0, precision=float("nan"), coverage=0.0, target_precision=target_precision,
-                         n=int(np.size(confidence)), met=False)
+                         n=n, met=False, confidence_level=confidence_level)
     i = int(ok[-1])
     return Threshold(threshold=float(curve["threshold"][i]), precision=float(curve["precision"][i]),
-                     coverage=float(curve["coverage"][i]), target_precision=target_precision,
-                     n=int(np.size(confidence)), met=True)
+                     coverage=float(curve["coverage"][i]), target_precision=target_precision, n=n, met=True,
+                     confidence_level=confidence_level,
+                     precision_bound=None if confidence_level is None else float(score[i]))
 
 
 def selective_scores(probs: np.ndarray, y_true: np.ndarray, threshold: float) -> dict[str, float]:

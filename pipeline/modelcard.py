@@ -94,7 +94,10 @@ def model_card(mf: ModelFile) -> str:
         f"{_f(cal.get('val_ece_before'))} before, {_f(cal.get('val_ece_after'))} after",
         f"- Review threshold: {_f(thr.get('threshold'))} for a target precision of "
         f"{thr.get('target_precision', 'n/a')}; on validation it sorts {_f(thr.get('coverage'), 3)} of rows with "
-        f"precision {_f(thr.get('precision'))}" + ("" if thr.get("met") else " (target NOT reached)"),
+        f"precision {_f(thr.get('precision'))}"
+        + (f" (Clopper-Pearson lower bound {_f(thr.get('precision_bound'))} at {thr['confidence_level']:g})"
+           if thr.get("precision_bound") is not None else "")
+        + ("" if thr.get("met") else " (target NOT reached)"),
     ]
     lines += ["", "## Metrics on the held-out test split", ""]
     if test:

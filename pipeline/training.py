@@ -86,6 +86,7 @@ class TrainConfig:
     patience: int = 3  # early stopping: epochs without a better validation loss; 0 = off
     clip_grad_norm: float = 2.0
     target_precision: float = 0.995
+    threshold_confidence: float = 0.9  # the review threshold's precision bound holds at this level (calibration)
     near_dup_distance: int | None = None  # None: pipeline.dataprep's default
     threads: int = 0  # torch intra-op threads; 0 = all cores
     loader_workers: int = -1  # augmentation processes; -1 = none up to 4 cores (measured: on 2 cores one worker
@@ -107,6 +108,7 @@ class TrainConfig:
             ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
             ("patience", self.patience >= 0, ">= 0"),
             ("target_precision", 0 < self.target_precision <= 1, "in (0, 1]"),
+            ("threshold_confidence", 0.5 <= self.threshold_confidence < 1, "in [0.5, 1)"),
             ("balance", self.balance in BALANCE_MODES, f"one of {', '.join(BALANCE_MODES)}"),
             ("in_chans", self.in_chans in (1, 3), "1 or 3"),
         ]
@@ -727,15 +729,17 @@ def train(
         calibration = {"temperature": temperature, "val_ece_before": ece_raw, "val_ece_after": ece_cal,
                        "val_nll_before": F.cross_entropy(logits, yv).item(),
                        "val_nll_after": F.cross_entropy(logits / temperature, yv).item()}
-        choice = choose_threshold(p_cal.max(1), ok, cfg.target_precision)
+        choice = choose_threshold(p_cal.max(1), ok, cfg.target_precision, confidence_level=cfg.threshold_confidence)
         threshold_info = choice.to_dict()
         log_fn(f"calibration: temperature {temperature:.3f}, validation ECE {ece_raw:.4f} -> {ece_cal:.4f}")
         if choice.met:
-            log_fn(f"review threshold {choice.threshold:.4f}: validation precision {choice.precision:.4f} on the "
+            log_fn(f"review threshold {choice.threshold:.4f}: validation precision {choice.precision:.4f} "
+                   f"({cfg.threshold_confidence:g} lower bound {choice.precision_bound:.4f}) on the "
                    f"{choice.coverage:.1%} of rows it sorts (target {cfg.target_precision})")
         else:
-            log_fn(f"no threshold reaches precision {cfg.target_precision} on validation: every row goes to review "
-                   "unless the model improves (more data, more epochs) or the target is lowered")
+            log_fn(f"no threshold reaches precision {cfg.target_precision} on validation (lower bound at "
+                   f"{cfg.threshold_confidence:g}): every row goes to review unless the model improves (more data, "
+                   "more epochs, a larger validation split) or the target or --threshold-confidence is lowered")
 
     info: dict[str, Any] = {
         "recipe": cfg_dict, "data": data_summary, "class_counts": data_summary["class_counts"],

@@ -7,7 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.calibration import choose_threshold, coverage_precision_curve, fit_temperature, selective_scores
+from scipy.stats import beta
+
+from pipeline.calibration import (
+    choose_threshold,
+    coverage_precision_curve,
+    fit_temperature,
+    precision_lower_bound,
+    selective_scores,
+)
 from pipeline.evaluation import expected_calibration_error
 
 
@@ -40,19 +48,48 @@ def test_threshold_is_the_lowest_confidence_that_reaches_the_target_precision():
     assert curve["coverage"].tolist() == [i / 8 for i in range(1, 9)]
     assert curve["precision"].tolist() == pytest.approx([1, 1, 2 / 3, 3 / 4, 4 / 5, 4 / 6, 5 / 7, 6 / 8])
     # precision >= 0.75: the largest prefix reaching it is all 8 rows (6/8)
-    t = choose_threshold(conf, correct, 0.75)
+    t = choose_threshold(conf, correct, 0.75, confidence_level=None)
     assert (t.threshold, t.coverage, t.precision, t.met) == (0.60, 1.0, 0.75, True)
     # precision >= 0.8: 5 rows (4/5), threshold 0.90
-    t = choose_threshold(conf, correct, 0.8)
+    t = choose_threshold(conf, correct, 0.8, confidence_level=None)
     assert (t.threshold, t.coverage, t.precision) == (0.90, 5 / 8, 0.8)
     # precision 1: only the two best rows
-    t = choose_threshold(conf, correct, 1.0)
+    t = choose_threshold(conf, correct, 1.0, confidence_level=None)
     assert (t.threshold, t.coverage) == (0.98, 2 / 8)
     # nothing reaches it: everything to review
-    t = choose_threshold(np.array([0.9, 0.8]), np.array([False, True]), 0.99)
+    t = choose_threshold(np.array([0.9, 0.8]), np.array([False, True]), 0.99, confidence_level=None)
     assert (t.threshold, t.met, t.coverage) == (1.0, False, 0.0) and math.isnan(t.precision)
     with pytest.raises(ValueError, match=r"target precision must be in \(0, 1\]"):
         choose_threshold(conf, correct, 1.5)
+
+
+def test_threshold_needs_the_precision_bound_not_just_the_measured_precision():
+    # 1,000 rows, all right: the 0.9 Clopper-Pearson lower bound is 0.1 ** (1 / 1000) = 0.99770 >= 0.995
+    conf = np.linspace(0.999, 0.5, 1000)
+    t = choose_threshold(conf, np.ones(1000, bool), 0.995)
+    assert (t.threshold, t.coverage, t.met, t.confidence_level) == (0.5, 1.0, True, 0.9)
+    assert t.precision_bound == pytest.approx(0.1 ** (1 / 1000))
+    # 100 rows, all right: measured precision 1.0, but the bound 0.1 ** (1 / 100) = 0.977 cannot reach 0.995
+    t = choose_threshold(conf[:100], np.ones(100, bool), 0.995)
+    assert not t.met and t.threshold == 1.0
+    assert choose_threshold(conf[:100], np.ones(100, bool), 0.995, confidence_level=None).met
+    # 3,000 rows, wrong at the 300th and 700th highest confidence and every 10th row from the 2,000th: the first
+    # 299 rows alone bound at 0.1 ** (1 / 299) = 0.9923 < 0.995, so the threshold is where enough right rows
+    # follow the two wrong ones; brute force over every prefix with the Beta quantile (k right of n: the 0.1
+    # quantile of Beta(k, n - k + 1)) gives the same
+    conf = np.linspace(0.999, 0.5, 3000)
+    correct = np.ones(3000, bool)
+    correct[[299, 699]] = False
+    correct[2000::10] = False
+    t = choose_threshold(conf, correct, 0.995)
+    right = np.cumsum(correct)
+    bounds = [beta.ppf(0.1, right[i], i + 1 - right[i] + 1) for i in range(3000)]
+    n = max(i + 1 for i in range(3000) if bounds[i] >= 0.995)
+    assert 1000 < n < 2100 and (t.threshold, t.coverage) == (conf[n - 1], n / 3000)
+    assert t.precision_bound == pytest.approx(bounds[n - 1]) == pytest.approx(precision_lower_bound(right[n - 1], n, 0.9))
+    assert precision_lower_bound(299, 299, 0.9) == pytest.approx(0.1 ** (1 / 299)) and 0.1 ** (1 / 299) < 0.995
+    with pytest.raises(ValueError, match=r"confidence level must be in \[0.5, 1\)"):
+        choose_threshold(conf, correct, 0.995, confidence_level=0.3)
 
 
 def test_ties_in_confidence_are_one_threshold():

@@ -304,6 +304,8 @@ def worker(concurrency: int, loglevel: str, hostname: str | None) -> None:
               help="Share of each class held out for the test figures [0.1; a test/ folder wins].")
 @click.option("--target-precision", type=float, default=None,
               help="Precision the review threshold must give on validation [0.995].")
+@click.option("--threshold-confidence", type=click.FloatRange(0.5, 1, max_open=True), default=None,
+              help="Confidence level of that precision's lower bound (Clopper-Pearson) [0.9].")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [auto].")
 @click.option("--threads", type=click.IntRange(min=0), default=None, help="Torch threads [0 = all cores].")
 @click.option("--amp/--no-amp", default=None,
