@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from scipy.stats import beta
 import torch.nn.functional as F
+from scipy.stats import beta
 
 T_MIN, T_MAX = 0.05, 20.0
 

@@ -23,7 +23,6 @@ augmentation and dropout are drawn from seeded generators, and a resumed run con
 from __future__ import annotations
 
 import contextlib
-from datetime import UTC, datetime
 import hashlib
 import logging
 import math
@@ -34,6 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
