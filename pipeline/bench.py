@@ -305,7 +305,8 @@ def peer_model_only(spec: dict[str, Any]) -> dict[str, Any]:
     settings = _peer_settings(spec)
     threads = _set_threads(spec["threads"])
     mf = load_model_file(spec["model"])
-    predictor = Predictor(mf, device="cpu", runtime=settings.runtime, runtime_cache_dir=settings.runtime_cache_dir)
+    predictor = Predictor(mf, device="cpu", runtime=settings.runtime, runtime_cache_dir=settings.runtime_cache_dir,
+                          cpu_streams=settings.cpu_streams, cpu_microbatch=settings.cpu_microbatch)
     n, b = spec["images"], spec["batch_size"]
     h, w = mf.input_size
     gen = torch.Generator().manual_seed(0)
@@ -317,6 +318,7 @@ def peer_model_only(spec: dict[str, Any]) -> dict[str, Any]:
         arrivals.append(time.perf_counter())
     return {**_figures(n, start, arrivals), "model": _model_info(mf),
             "config": {"runtime": settings.runtime, "device": "cpu", "torch_threads": threads, "batch_size": b,
+                       "cpu_streams": predictor.cpu_streams, "cpu_microbatch": predictor.cpu_microbatch,
                        "input": f"random uint8 ({b}, {h}, {w}, {mf.in_chans}) batch in memory, channels_last"}}
 
 
@@ -544,7 +546,8 @@ def peer_invsort(spec: dict[str, Any]) -> dict[str, Any]:
     return {**result, "failed": s.failed, "rows_written": written, "model": _model_info(mf),
             "config": {"database": where, "batch_size": settings.batch_size, "decode_threads": settings.decode_threads,
                        "torch_threads": threads, "runtime": settings.runtime, "device": "cpu",
-                       "job_id": outcome.job_id}}
+                       "cpu_streams": get_predictor(settings, spec["model"]).cpu_streams,
+                       "cpu_microbatch": settings.cpu_microbatch, "job_id": outcome.job_id}}
 
 
 _PEER_FUNCS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -867,7 +870,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def _describe(cfg: dict[str, Any]) -> str:
-    keys = ("database", "runtime", "torch_threads", "decode_threads", "batch_size", "decoder")
+    keys = ("database", "runtime", "torch_threads", "cpu_streams", "cpu_microbatch", "decode_threads", "batch_size",
+            "decoder")
     return ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
 
 

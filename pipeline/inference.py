@@ -100,6 +100,13 @@ class Predictor:
             on a zero batch of ``compile_batch_size`` images, and later batches are padded or split to that size
             so that it compiles once.
         compile_batch_size: see ``torch_compile``; use the pipeline's batch size.
+        cpu_streams: on the CPU, how many forward passes run side by side (threads of a pool owned by this
+            predictor), each on a micro-batch of ``cpu_microbatch`` images with ``threads // cpu_streams``
+            intra-op threads, where ``threads`` is the creating thread's ``torch.get_num_threads()``. 0: one
+            stream per thread. Measured with mobilenet_v2 at 136x102 on 2 cores: 2 streams of 1 thread on
+            micro-batches of 16 gave 340-430 images/s where 1 stream of 2 threads on 64 gave 150-240: torch's
+            intra-op parallelism splits these small feature maps badly, whole micro-batches side by side do not.
+        cpu_microbatch: images per forward pass on the CPU (1..4096).
 
     Raises:
         ConfigError: unknown device, runtime or decode mode, ``cuda`` with a CPU runtime or without a GPU,
@@ -119,6 +126,8 @@ class Predictor:
         gpu_decode: str = "auto",
         torch_compile: bool = False,
         compile_batch_size: int = 64,
+        cpu_streams: int = 0,
+        cpu_microbatch: int = 16,
     ):
         self.model_file = model_file
         self.runtime = check_runtime_name(runtime)
@@ -137,10 +146,22 @@ class Predictor:
         self.decode_backend = resolve_decode_backend(gpu_decode, self.device)
         self.model: torch.nn.Module | None = None
         self.session: RuntimeSession | None = None
+        if cpu_streams < 0 or not 1 <= cpu_microbatch <= 4096:
+            raise ConfigError(f"cpu_streams must be >= 0 and cpu_microbatch 1..4096, got {cpu_streams}, "
+                              f"{cpu_microbatch}")
+        budget = torch.get_num_threads()
+        self.cpu_streams = 1 if self.device.type != "cpu" or torch_compile else (cpu_streams or budget)
+        self.cpu_microbatch = cpu_microbatch
+        stream_threads = max(1, budget // self.cpu_streams)
+        self._pool: ThreadPoolExecutor | None = None
+        if self.cpu_streams > 1:  # each stream thread gets its share of the cores (a per-thread torch setting)
+            self._pool = ThreadPoolExecutor(self.cpu_streams, thread_name_prefix="invsort-forward",
+                                            initializer=torch.set_num_threads, initargs=(stream_threads,))
         if runtime == "torch":
             self.model = model_file.build().to(self.device, memory_format=torch.channels_last)
         else:
-            self.session = load_session(model_file, runtime, cache_dir=runtime_cache_dir)
+            self.session = load_session(model_file, runtime, cache_dir=runtime_cache_dir,
+                                        num_threads=stream_threads if self.cpu_streams > 1 else None)
         c = model_file.in_chans
         self.mean = torch.tensor(model_file.mean, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
         self.std = torch.tensor(model_file.std, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
@@ -190,6 +211,15 @@ class Predictor:
             ``(N, num_classes)`` float32 on the CPU.
         """
         x = batch.to(self.device, non_blocking=True)
+        if self.device.type == "cpu" and x.shape[0] > self.cpu_microbatch:
+            parts = list(torch.split(x, self.cpu_microbatch))
+            run = self._pool.map if self._pool is not None else map
+            return torch.cat(list(run(self._forward, parts)))
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One forward pass (in the calling thread): ``(N, H, W, C)`` uint8 on the device → float32 logits on
+        the CPU. Inference mode is per thread, so it is entered here, in the stream thread."""
         if self.session is not None:
             with torch.inference_mode():
                 inputs = to_model_input(x, self.mean, self.std).contiguous()  # ONNX graphs take plain NCHW

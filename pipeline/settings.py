@@ -56,6 +56,14 @@ class Settings(BaseSettings):
     decode_workers: int = Field(
         0, description="Threads that fetch and decode images; 0 picks min(8, CPU count)."
     )
+    cpu_streams: int = Field(
+        0,
+        description="On the CPU, forward passes run side by side, each on a micro-batch with cores / streams "
+        "threads; 0 picks one per core of the process (its torch thread count).",
+    )
+    cpu_microbatch: int = Field(
+        16, description="Images per forward pass on the CPU (a batch is split into micro-batches), 1..4096."
+    )
     local_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="Directories that local (file://) image URIs may be read from, separated by ':' or ','.",
@@ -117,6 +125,20 @@ class Settings(BaseSettings):
     def _decode_workers(cls, v: int) -> int:
         if not 0 <= v <= 256:
             raise ValueError(f"INVSORT_DECODE_WORKERS must be between 0 (auto) and 256, got {v}")
+        return v
+
+    @field_validator("cpu_streams")
+    @classmethod
+    def _cpu_streams(cls, v: int) -> int:
+        if not 0 <= v <= 256:
+            raise ValueError(f"INVSORT_CPU_STREAMS must be between 0 (one per core) and 256, got {v}")
+        return v
+
+    @field_validator("cpu_microbatch")
+    @classmethod
+    def _cpu_microbatch(cls, v: int) -> int:
+        if not 1 <= v <= 4096:
+            raise ValueError(f"INVSORT_CPU_MICROBATCH must be between 1 and 4096, got {v}")
         return v
 
     @field_validator("review_threshold")

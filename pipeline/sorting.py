@@ -37,14 +37,16 @@ def get_predictor(settings: Settings, model_spec: str | None = None, *, reader: 
     """The process's :class:`Predictor` for a model, loaded once and reused by every later batch."""
     spec = model_spec or settings.model_path
     key = (spec, settings.device, settings.review_threshold, settings.runtime, settings.runtime_cache_dir,
-           settings.gpu_decode, settings.compile)
+           settings.gpu_decode, settings.compile, settings.cpu_streams, settings.cpu_microbatch,
+           torch.get_num_threads())
     with _predictors_lock:
         if key not in _predictors:
             mf = load_model_file(spec, reader=reader or make_reader(settings))
             _predictors[key] = Predictor(mf, device=settings.device, review_threshold=settings.review_threshold,
                                          runtime=settings.runtime, runtime_cache_dir=settings.runtime_cache_dir,
                                          gpu_decode=settings.gpu_decode, torch_compile=settings.compile,
-                                         compile_batch_size=settings.batch_size)
+                                         compile_batch_size=settings.batch_size, cpu_streams=settings.cpu_streams,
+                                         cpu_microbatch=settings.cpu_microbatch)
             log.info("loaded model %s version %s on %s with %s, JPEG decoding with %s", mf.name, mf.version,
                      _predictors[key].device, settings.runtime, _predictors[key].decode_backend)
         return _predictors[key]

@@ -181,3 +181,29 @@ def test_review_threshold_routes_low_confidence_rows_to_review(sqlite_url):
     review = [r for r in rows if r.status == "needs_review"]
     assert review and all(r.confidence < 0.999 for r in review)
     assert all(r.confidence >= 0.999 for r in rows if r.status == "sorted")
+
+
+def test_cpu_streams_split_a_batch_into_micro_batches_with_the_same_results():
+    import numpy as np
+    import torch
+
+    from pipeline.errors import ConfigError
+    from pipeline.images import decode_image
+
+    mf = load_model_file("bundled:fashion_mnist_cnn")
+    batch = torch.from_numpy(np.stack([decode_image(p.read_bytes(), size=mf.input_size, in_chans=1)
+                                       for p in example_files()[:37]]))
+    whole = Predictor(mf, device="cpu", cpu_streams=1, cpu_microbatch=4096)
+    split = Predictor(mf, device="cpu", cpu_streams=3, cpu_microbatch=5)  # 8 micro-batches on 3 threads
+    assert (whole.cpu_streams, split.cpu_streams) == (1, 3)
+    probs = split.predict_probs(batch)
+    assert probs.shape == (37, 10)
+    torch.testing.assert_close(probs, whole.predict_probs(batch), rtol=1e-5, atol=1e-6)  # same rows, same order
+    # each stream thread runs torch with its share of the cores; the caller's setting is left alone
+    threads = torch.get_num_threads()
+    assert split._pool.submit(torch.get_num_threads).result() == max(1, threads // 3)
+    assert torch.get_num_threads() == threads
+    with pytest.raises(ConfigError, match="cpu_microbatch 1..4096"):
+        Predictor(mf, device="cpu", cpu_microbatch=0)
+    with pytest.raises(ValueError, match="INVSORT_CPU_STREAMS must be between 0"):
+        build_settings(cpu_streams=-1)
