@@ -104,7 +104,7 @@ class Predictor:
             predictor), each on a micro-batch of ``cpu_microbatch`` images with ``threads // cpu_streams``
             intra-op threads, where ``threads`` is the creating thread's ``torch.get_num_threads()``. 0: one
             stream per thread. Measured with mobilenet_v2 at 102x136 (HxW) on 2 cores: 2 streams of 1 thread on
-            micro-batches of 16 gave 340-430 images/s where 1 stream of 2 threads on 64 gave 150-240: torch's
+            micro-batches of 16 gave 250-430 images/s where 1 stream of 2 threads on 64 gave 150-250: torch's
             intra-op parallelism splits these small feature maps badly, whole micro-batches side by side do not.
         cpu_microbatch: images per forward pass on the CPU (1..4096).
 
