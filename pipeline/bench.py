@@ -542,11 +542,12 @@ def peer_invsort(spec: dict[str, Any]) -> dict[str, Any]:
     # run_pipeline's clock starts before the first image is fetched and stops after the last batch's rows
     # are committed: take its span, ending at the last batch's arrival.
     result = _figures(s.images, arrivals[-1] - s.seconds if arrivals else 0.0, arrivals)
-    mf = get_predictor(settings, spec["model"]).model_file  # the one sort_source loaded and cached
+    predictor = get_predictor(settings, spec["model"])  # the one sort_source loaded and cached
+    mf = predictor.model_file
     return {**result, "failed": s.failed, "rows_written": written, "model": _model_info(mf),
             "config": {"database": where, "batch_size": settings.batch_size, "decode_threads": settings.decode_threads,
                        "torch_threads": threads, "runtime": settings.runtime, "device": "cpu",
-                       "cpu_streams": get_predictor(settings, spec["model"]).cpu_streams,
+                       "cpu_streams": predictor.cpu_streams,
                        "cpu_microbatch": settings.cpu_microbatch, "job_id": outcome.job_id}}
 
 

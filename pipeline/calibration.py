@@ -91,18 +91,21 @@ def coverage_precision_curve(confidence: np.ndarray, correct: np.ndarray) -> dic
 
     Returns:
         ``{"threshold", "coverage", "precision"}``, each ``(M,)`` float64, thresholds decreasing (coverage
-        increasing); ties in confidence are one point.
+        increasing), and the counts behind them, ``{"sorted", "correct"}``, each ``(M,)`` int64; ties in
+        confidence are one point.
     """
     conf = np.asarray(confidence, dtype=np.float64)
     ok = np.asarray(correct, dtype=bool)
     if conf.size == 0:
-        return {k: np.zeros(0) for k in ("threshold", "coverage", "precision")}
+        return {**{k: np.zeros(0) for k in ("threshold", "coverage", "precision")},
+                **{k: np.zeros(0, dtype=np.int64) for k in ("sorted", "correct")}}
     order = np.argsort(-conf, kind="stable")
     conf, ok = conf[order], ok[order]
     hits = np.cumsum(ok)
     last_of_tie = np.r_[conf[1:] != conf[:-1], True]  # a threshold takes every row with the same confidence
     k = np.flatnonzero(last_of_tie) + 1
-    return {"threshold": conf[k - 1], "coverage": k / conf.size, "precision": hits[k - 1] / k}
+    return {"threshold": conf[k - 1], "coverage": k / conf.size, "precision": hits[k - 1] / k,
+            "sorted": k.astype(np.int64), "correct": hits[k - 1].astype(np.int64)}
 
 
 def precision_lower_bound(correct: np.ndarray | int, n: np.ndarray | int, confidence_level: float) -> np.ndarray:
@@ -142,11 +145,10 @@ def choose_threshold(
         raise ValueError(f"confidence level must be in [0.5, 1), got {confidence_level}")
     curve = coverage_precision_curve(confidence, correct)
     n = int(np.size(confidence))
-    sorted_rows = np.rint(curve["coverage"] * n)
     if confidence_level is None:
         score = curve["precision"]
     else:
-        score = precision_lower_bound(np.rint(curve["precision"] * sorted_rows), sorted_rows, confidence_level)
+        score = precision_lower_bound(curve["correct"], curve["sorted"], confidence_level)
     ok = np.flatnonzero(score >= target_precision - 1e-12)
     if ok.size == 0:
         return Threshold(threshold=1.0, precision=float("nan"), coverage=0.0, target_precision=target_precision,

@@ -160,8 +160,7 @@ class Predictor:
         if runtime == "torch":
             self.model = model_file.build().to(self.device, memory_format=torch.channels_last)
         else:
-            self.session = load_session(model_file, runtime, cache_dir=runtime_cache_dir,
-                                        num_threads=stream_threads if self.cpu_streams > 1 else None)
+            self.session = load_session(model_file, runtime, cache_dir=runtime_cache_dir, num_threads=stream_threads)
         c = model_file.in_chans
         self.mean = torch.tensor(model_file.mean, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
         self.std = torch.tensor(model_file.std, dtype=torch.float32, device=self.device).view(1, c, 1, 1)

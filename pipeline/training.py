@@ -630,6 +630,7 @@ def train(
             scaler = torch.amp.GradScaler("cuda")
     elif device.type == "cpu" and cfg.amp and cpu_has_native_bf16():
         amp_dtype = torch.bfloat16
+    step_dtype = "float32" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
 
     counts = np.bincount(tr.labels, minlength=len(class_names))
     imbalance = counts.max() / max(1, counts.min())
@@ -664,7 +665,7 @@ def train(
     cfg_dict["image_size"] = list(size)
     log_fn(f"training {cfg.arch} on {device.type}: {len(tr.labels)} images, {steps_per_epoch} steps/epoch, "
            f"balance={balance}, augmentation={cfg.policy}, {workers} loader worker(s), "
-           f"{'float32' if amp_dtype is None else str(amp_dtype).removeprefix('torch.') + ' autocast'} steps")
+           f"{step_dtype}{'' if amp_dtype is None else ' autocast'} steps")
 
     stopped_early = bool(ck and ck.get("stopped_early"))
     for epoch in range(first_epoch, cfg.epochs + 1):
@@ -746,7 +747,7 @@ def train(
         "skipped": data_summary["excluded"], "history": history, "best_epoch": best["epoch"],
         "best_val_acc": best.get("val_acc"), "best_val_loss": best["val_loss"], "stopped_early": stopped_early,
         "calibration": calibration, "threshold": threshold_info, "balance": balance,
-        "step_dtype": "float32" if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
+        "step_dtype": step_dtype,
     }
     mf = ModelFile(arch=cfg.arch, class_names=class_names, in_chans=cfg.in_chans,
                    input_size=size,  # type: ignore[arg-type]

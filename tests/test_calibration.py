@@ -46,6 +46,7 @@ def test_threshold_is_the_lowest_confidence_that_reaches_the_target_precision():
     curve = coverage_precision_curve(conf, correct)
     assert curve["coverage"].tolist() == [i / 8 for i in range(1, 9)]
     assert curve["precision"].tolist() == pytest.approx([1, 1, 2 / 3, 3 / 4, 4 / 5, 4 / 6, 5 / 7, 6 / 8])
+    assert curve["sorted"].tolist() == list(range(1, 9)) and curve["correct"].tolist() == [1, 2, 2, 3, 4, 4, 5, 6]
     # precision >= 0.75: the largest prefix reaching it is all 8 rows (6/8)
     t = choose_threshold(conf, correct, 0.75, confidence_level=None)
     assert (t.threshold, t.coverage, t.precision, t.met) == (0.60, 1.0, 0.75, True)
