@@ -210,7 +210,7 @@ def upsert_items(*, session: Session, rows: Sequence[ItemResult]) -> int:
     connection (created on first use, emptied at commit; needs the ``TEMPORARY`` privilege, which PostgreSQL
     grants to everyone by default) and merged with one ``INSERT ... SELECT``. On SQLite they go through one
     prepared statement with ``executemany``. Either way there is no per-row SQLAlchemy work: figures are in
-    ``pipeline/bench_catalog.py``.
+    ``pipeline/bench/catalog.py``.
 
     Returns:
         The number of distinct items written.

@@ -20,11 +20,11 @@ import torch
 from db.catalog import complete_job_if_done, create_job, fail_job, finish_listing, record_batch, upsert_items
 from db.session import session_scope
 from pipeline.errors import SourceError
-from pipeline.inference import Predictor, Summary, run_pipeline
-from pipeline.modelfile import load_model_file
+from pipeline.inference.predictor import Predictor, Summary, run_pipeline
+from pipeline.models.modelfile import load_model_file
 from pipeline.records import Item, ItemResult
 from pipeline.settings import Settings
-from pipeline.storage import ObjectReader, iter_source, local_path, make_reader
+from pipeline.io.storage import ObjectReader, iter_source, local_path, make_reader
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from sqlalchemy import func, select, text
 
 from db.models import CatalogItem
 from db.session import session_scope
-from pipeline.bench import PEERS, RayConfig, _figures, format_table, parse_ray_config, ray_candidates, run_bench
+from pipeline.bench.peers import PEERS, RayConfig, _figures, format_table, parse_ray_config, ray_candidates, run_bench
 from pipeline.errors import ConfigError, SourceError
 from tests.images import EXAMPLES, FOOTWEAR_TAR, MOBILENET_WEIGHTS
 from worker.cli import main
@@ -143,8 +143,8 @@ def test_bench_writes_postgresql_rows_in_a_scratch_schema_it_drops(pg_url, tmp_p
 @pytest.mark.skipif(not (FOOTWEAR_TAR.exists() and MOBILENET_WEIGHTS.exists()),
                     reason="../shared footwear photos or ImageNet weights not present (a user's clone)")
 def test_bench_cli_on_footwear_photos_with_mobilenet(tmp_path):
-    from pipeline.modelfile import ModelFile, save_model_file
-    from pipeline.models import IMAGENET_MEAN, IMAGENET_STD, create_model
+    from pipeline.models.modelfile import ModelFile, save_model_file
+    from pipeline.models.registry import IMAGENET_MEAN, IMAGENET_STD, create_model
 
     photos = tmp_path / "photos"
     with tarfile.open(FOOTWEAR_TAR) as tar:
@@ -166,9 +166,9 @@ def test_bench_cli_on_footwear_photos_with_mobilenet(tmp_path):
 
 
 def test_without_ray_the_ray_peer_is_skipped_with_the_install_hint(monkeypatch):
-    import pipeline.bench
+    import pipeline.bench.peers
 
-    monkeypatch.setattr(pipeline.bench, "find_spec", lambda name: None if name == "ray" else find_spec(name))
+    monkeypatch.setattr(pipeline.bench.peers, "find_spec", lambda name: None if name == "ray" else find_spec(name))
     report = run_bench(str(EXAMPLES), model_spec="bundled:fashion_mnist_cnn", limit=4, peers=["ray"])
     assert report["peers"] == {"ray": RAY_SKIPPED}
     assert report["machine"]["ray"] is None and report["ratios"] == {}

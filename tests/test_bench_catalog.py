@@ -1,4 +1,4 @@
-"""pipeline.bench_catalog: tiny runs on real SQLite and PostgreSQL, leaving the user's tables and schemas alone."""
+"""pipeline.bench.catalog: tiny runs on real SQLite and PostgreSQL, leaving the user's tables and schemas alone."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sqlalchemy import func, select, text
 from db import catalog
 from db.models import CatalogItem
 from db.session import session_scope
-from pipeline.bench_catalog import bench_upserts, main, make_rows
+from pipeline.bench.catalog import bench_upserts, main, make_rows
 from pipeline.errors import InvsortError
 from pipeline.records import ItemResult
 

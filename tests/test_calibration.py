@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import beta
 
-from pipeline.calibration import (
+from pipeline.evaluation.calibration import (
     choose_threshold,
     coverage_precision_curve,
     fit_temperature,
     precision_lower_bound,
     selective_scores,
 )
-from pipeline.evaluation import expected_calibration_error
+from pipeline.evaluation.report import expected_calibration_error
 
 
 def test_temperature_scaling_cools_an_overconfident_model_and_keeps_its_argmax():

@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline import dataprep
-from pipeline.dataprep import (
+from pipeline.training import dataprep
+from pipeline.training.dataprep import (
     check_dataset,
     grouped_split,
     near_duplicate_pairs,
@@ -343,7 +343,7 @@ def test_a_large_near_duplicate_group_is_logged(tmp_path, monkeypatch, caplog):
     src = boot_photo((40, 60, 140))
     for k in range(4):  # one photo republished four times, a little brighter each time
         (tmp_path / "Boot" / f"republished_{k}.jpg").write_bytes(encode(cv2.add(src, np.full_like(src, 4 * k))))
-    with caplog.at_level(logging.WARNING, logger="pipeline.dataprep"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.training.dataprep"):
         r = check_dataset(tmp_path)
     assert [len(g) for g in r.near_duplicates if "republished_0" in g[0]] == [4]
     assert any("near-duplicate group of 4 images" in rec.getMessage() for rec in caplog.records)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.evaluation import compute_metrics, evaluate, expected_calibration_error
+from pipeline.evaluation.report import compute_metrics, evaluate, expected_calibration_error
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 MODEL = "bundled:fashion_mnist_cnn"

@@ -15,10 +15,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import pipeline.images as images_module
-import pipeline.inference as inference
+import pipeline.io.images as images_module
+import pipeline.inference.predictor as inference
 from pipeline.errors import ConfigError, ImageError
-from pipeline.images import (
+from pipeline.io.images import (
     batch_decodable_jpeg,
     decode_image,
     decode_jpeg_batch,
@@ -26,9 +26,9 @@ from pipeline.images import (
     resize_for_model,
     resize_on_device,
 )
-from pipeline.inference import Predictor, run_pipeline
-from pipeline.modelfile import ModelFile
-from pipeline.models import create_model
+from pipeline.inference.predictor import Predictor, run_pipeline
+from pipeline.models.modelfile import ModelFile
+from pipeline.models.registry import create_model
 from pipeline.records import Item
 from pipeline.settings import build_settings
 from tests.images import BAD_IMAGES, FOOTWEAR_TAR, MOBILENET_WEIGHTS, example_files, photo_jpeg

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.errors import ImageError
-from pipeline.images import decode_image, to_model_input
+from pipeline.io.images import decode_image, to_model_input
 from tests.images import BAD_IMAGES, example_files, photo_jpeg
 
 

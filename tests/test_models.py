@@ -7,8 +7,8 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 
 from pipeline.errors import ConfigError, ModelFileError
-from pipeline.modelfile import ModelFile, load_model_file, model_version, save_model_file
-from pipeline.models import IMAGENET_MEAN, IMAGENET_STD, REGISTRY, create_model
+from pipeline.models.modelfile import ModelFile, load_model_file, model_version, save_model_file
+from pipeline.models.registry import IMAGENET_MEAN, IMAGENET_STD, REGISTRY, create_model
 from tests.images import MOBILENET_WEIGHTS
 
 
@@ -46,7 +46,7 @@ def test_inception_v3_drops_the_auxiliary_head_of_imagenet_weights(tmp_path, cap
     torch.save(imagenet_like.state_dict(), path)
     assert any(k.startswith("AuxLogits.") for k in imagenet_like.state_dict())
 
-    with caplog.at_level(logging.INFO, logger="pipeline.models"):
+    with caplog.at_level(logging.INFO, logger="pipeline.models.registry"):
         model = create_model("inception_v3", num_classes=3, weights=str(path))
     assert "AuxLogits.*" in caplog.text
     state = model.state_dict()
@@ -124,7 +124,7 @@ def test_imagenet_weights_load_from_local_file_and_s3(s3_bucket):
     client, bucket = s3_bucket
     client.upload_file(str(MOBILENET_WEIGHTS), bucket, "weights/mnv2.pth")
     from pipeline.settings import build_settings
-    from pipeline.storage import make_reader
+    from pipeline.io.storage import make_reader
 
     reader = make_reader(build_settings(s3_endpoint_url=client.meta.endpoint_url))
     remote = create_model("mobilenet_v2", num_classes=3, weights=f"s3://{bucket}/weights/mnv2.pth", reader=reader)

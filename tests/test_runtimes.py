@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from db.catalog import iter_items
 from db.session import dispose_engines, session_scope
 from pipeline.errors import ConfigError
-from pipeline.inference import Predictor
-from pipeline.modelfile import load_model_file, model_version
-from pipeline.runtimes import RUNTIMES, export_onnx, onnx_path
+from pipeline.inference.predictor import Predictor
+from pipeline.models.modelfile import load_model_file, model_version
+from pipeline.models.runtimes import RUNTIMES, export_onnx, onnx_path
 from tests.images import EXAMPLES
 from worker.cli import main
 

@@ -8,11 +8,11 @@ from click.testing import CliRunner
 
 from db.catalog import get_job, iter_items
 from db.session import session_scope
-from pipeline.inference import Predictor, run_pipeline
-from pipeline.modelfile import load_model_file
+from pipeline.inference.predictor import Predictor, run_pipeline
+from pipeline.models.modelfile import load_model_file
 from pipeline.records import Item
 from pipeline.settings import build_settings
-from pipeline.storage import make_reader
+from pipeline.io.storage import make_reader
 from tests.images import BAD_IMAGES, EXAMPLES, example_files
 from worker.cli import main
 
@@ -188,7 +188,7 @@ def test_cpu_streams_split_a_batch_into_micro_batches_with_the_same_results():
     import torch
 
     from pipeline.errors import ConfigError
-    from pipeline.images import decode_image
+    from pipeline.io.images import decode_image
 
     mf = load_model_file("bundled:fashion_mnist_cnn")
     batch = torch.from_numpy(np.stack([decode_image(p.read_bytes(), size=mf.input_size, in_chans=1)

@@ -1,4 +1,4 @@
-"""pipeline.storage against real files in tmp_path and a real S3 API (moto server over HTTP)."""
+"""pipeline.io.storage against real files in tmp_path and a real S3 API (moto server over HTTP)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from pipeline.errors import InvsortError, SourceError
 from pipeline.records import Item
 from pipeline.settings import Settings
-from pipeline.storage import (
+from pipeline.io.storage import (
     LocalStorage,
     ObjectReader,
     S3Storage,

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from pipeline.errors import ConfigError
-from pipeline.images import decode_image, to_model_input
-from pipeline.models import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.transforms import POLICIES, batch_mixing, eval_preset, train_preset
+from pipeline.io.images import decode_image, to_model_input
+from pipeline.models.registry import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.training.transforms import POLICIES, batch_mixing, eval_preset, train_preset
 from tests.images import FOOTWEAR_TAR, example_files, photo_jpeg
 
 GRAY = ((0.5,), (0.5,))

@@ -329,7 +329,7 @@ def train(data_dir: str, out: str, image_size: str | None, grayscale: bool | Non
       invsort train fashion-mnist/ --out fm.pt
       invsort train photos/ --out shoes.pt --resume
     """
-    from pipeline.training import train as run_train
+    from pipeline.training.recipe import train as run_train
 
     overrides = {k: v for k, v in options.items() if v is not None}
     if image_size is not None:
@@ -346,7 +346,7 @@ def train(data_dir: str, out: str, image_size: str | None, grayscale: bool | Non
 @main.command("models")
 def models_cmd() -> None:
     """List the architectures that --arch accepts, with their default input size."""
-    from pipeline.models import REGISTRY
+    from pipeline.models.registry import REGISTRY
 
     for name, spec in sorted(REGISTRY.items()):
         click.echo(f"{name:<20} {spec.input_size[0]}x{spec.input_size[1]}")
@@ -357,7 +357,7 @@ def models_cmd() -> None:
 @_handle_errors
 def model_info(model: str) -> None:
     """Show what a model file holds (architecture, classes, input, version, validation accuracy)."""
-    from pipeline.modelfile import load_model_file
+    from pipeline.models.modelfile import load_model_file
 
     mf = load_model_file(model)
     click.echo(f"{mf.name}  version {mf.version}  arch {mf.arch}  created {mf.created_at}")
@@ -411,7 +411,7 @@ def bench(source: str, model: str | None, limit: int | None, batch_size: int, js
       invsort bench examples/images --model bundled:fashion_mnist_cnn --json bench.json
       invsort bench photos/ --model shoes.pt --limit 2000 --db-url postgresql://postgres@127.0.0.1/catalog
     """
-    from pipeline.bench import format_table, parse_ray_config, run_bench
+    from pipeline.bench.peers import format_table, parse_ray_config, run_bench
 
     report = run_bench(
         source, model_spec=model or _settings().model_path, limit=limit, batch_size=batch_size,
@@ -476,7 +476,7 @@ def data_fashion_mnist(out: str, split: str, idx_dir: str, limit: int | None, ev
     Example:
       invsort data fashion-mnist /tmp/fmnist/train --split train
     """
-    from pipeline.fashion_mnist import export_png_tree
+    from pipeline.io.fashion_mnist import export_png_tree
 
     n = export_png_tree(out, split, idx_dir=Path(idx_dir), limit=limit, every=every)
     click.echo(f"wrote {n} images to {out}")
@@ -504,7 +504,7 @@ def data_check(data_dir: str, manifest: str | None, val_fraction: float, test_fr
     Example:
       invsort data check photos/ --manifest photos_split.csv
     """
-    from pipeline.dataprep import check_dataset, grouped_split, write_split_manifest
+    from pipeline.training.dataprep import check_dataset, grouped_split, write_split_manifest
 
     t0 = time.perf_counter()
     r = check_dataset(data_dir, min_side_px=min_side, near_dup_distance=near_dup_distance)
@@ -551,7 +551,7 @@ def evaluate(model: str, data_dir: str, out_dir: str, batch_size: int, device: s
     Example:
       invsort evaluate bundled:fashion_mnist_cnn examples/images --out report/
     """
-    from pipeline.evaluation import evaluate as run_evaluate
+    from pipeline.evaluation.report import evaluate as run_evaluate
 
     r = run_evaluate(model, data_dir, out_dir, batch_size=batch_size, device=device)
     click.echo(f"{r['images_evaluated']} images evaluated ({r['images_failed']} failed to decode)")

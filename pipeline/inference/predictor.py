@@ -9,12 +9,12 @@ On the CPU a batch is decoded by OpenCV in the threads, stacked and run through 
 CUDA GPU (:class:`_BatchRunner`):
 
 - each batch is stacked into a reusable pinned host buffer and copied with ``non_blocking=True``; it is
-  normalised on the GPU (:func:`pipeline.images.to_model_input`) and run under fp16 autocast;
+  normalised on the GPU (:func:`pipeline.io.images.to_model_input`) and run under fp16 autocast;
 - two batches are in flight, each on its own CUDA stream with its own pinned buffers: batch i+1 is gathered,
   decoded and queued while batch i computes; probabilities come back by a ``non_blocking`` copy into pinned
   memory and are read after the batch's CUDA event has fired;
 - JPEGs are decoded on the GPU by nvJPEG a batch at a time and resized there (``INVSORT_GPU_DECODE``,
-  :func:`pipeline.images.decode_jpeg_batch`); the threads then only fetch the bytes and read the JPEG headers,
+  :func:`pipeline.io.images.decode_jpeg_batch`); the threads then only fetch the bytes and read the JPEG headers,
   and decode with OpenCV what nvJPEG does not take (PNG, CMYK, EXIF-rotated, damaged files).
 """
 
@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 from pipeline.errors import ConfigError, ImageError
-from pipeline.images import batch_decodable_jpeg, decode_image, decode_jpeg_batch, to_model_input
-from pipeline.modelfile import ModelFile
+from pipeline.io.images import batch_decodable_jpeg, decode_image, decode_jpeg_batch, to_model_input
+from pipeline.models.modelfile import ModelFile
 from pipeline.records import Item, ItemResult
-from pipeline.runtimes import RuntimeSession, check_runtime_name, load_session
+from pipeline.models.runtimes import RuntimeSession, check_runtime_name, load_session
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class Predictor:
         review_threshold: confidence (0..1) below which rows get ``needs_review``; None uses the model
             file's own threshold.
         runtime: what runs the network: ``torch``, or ``onnxruntime`` / ``openvino`` (the network exported to
-            ONNX once per model version and checked against PyTorch, :mod:`pipeline.runtimes`). Those two run
+            ONNX once per model version and checked against PyTorch, :mod:`pipeline.models.runtimes`). Those two run
             on the CPU: with them ``auto`` means ``cpu``, and ``cuda`` is refused.
         runtime_cache_dir: folder of the ONNX exports (None: ``~/.cache/invsort/onnx``).
         gpu_decode: ``auto``, ``on`` or ``off``: decode JPEGs on the GPU (:func:`resolve_decode_backend`); sets
@@ -385,7 +385,7 @@ def run_pipeline(
     Args:
         items: an iterable of :class:`Item`, consumed lazily.
         predictor: the model.
-        reader: object with ``read(uri) -> bytes`` (:class:`pipeline.storage.ObjectReader`).
+        reader: object with ``read(uri) -> bytes`` (:class:`pipeline.io.storage.ObjectReader`).
         on_batch: called in this thread with each batch's rows, in input order; a batch's rows hold every
             item of the batch exactly once (``failed`` rows for the ones that could not be read).
         batch_size: images per forward pass.
@@ -393,7 +393,7 @@ def run_pipeline(
         prefetch_batches: batches fetched/decoded ahead of the one in the model (bounds memory).
         job_id: stored on every row.
         decode_backend: ``opencv`` (each image in the threads) or ``torchvision`` (JPEGs a batch at a time on
-            the predictor's device, :func:`pipeline.images.decode_jpeg_batch`; other files with OpenCV). None:
+            the predictor's device, :func:`pipeline.io.images.decode_jpeg_batch`; other files with OpenCV). None:
             the predictor's :attr:`Predictor.decode_backend`. ``torchvision`` on the CPU serves tests: it decodes
             in this thread, so it is slower there than ``opencv``.
         inflight_batches: batches queued on the device before the oldest one's rows are read. None: 2 on CUDA
@@ -485,7 +485,7 @@ def run_pipeline(
 
 @dataclass(frozen=True, slots=True)
 class _Jpeg:
-    """A JPEG left encoded by the decode threads, for :func:`pipeline.images.decode_jpeg_batch`."""
+    """A JPEG left encoded by the decode threads, for :func:`pipeline.io.images.decode_jpeg_batch`."""
 
     data: bytes
 

@@ -1,7 +1,7 @@
 """Checking a photo set before training: bad files, exact and near duplicates, label conflicts, and a leak-free split.
 
 Every image is read once: its bytes are hashed with SHA-256 (exact duplicates), decoded with the worker's own
-:func:`pipeline.images.decode_image` at its native size (bad files are excluded with their reason), and reduced to
+:func:`pipeline.io.images.decode_image` at its native size (bad files are excluded with their reason), and reduced to
 two small fingerprints:
 
 - a 256-bit perceptual hash, ImageHash's ``phash`` with ``hash_size=16`` (a DCT-based hash: 64x64 grayscale, the
@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import ConfigError, ImageError, SourceError
-from pipeline.images import decode_image
-from pipeline.training import scan_folder
+from pipeline.io.images import decode_image
+from pipeline.io.folders import scan_folder
 
 log = logging.getLogger(__name__)
 

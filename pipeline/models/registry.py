@@ -175,7 +175,7 @@ def create_model(
             tensor but the classifier's and those under the spec's ``unused_prefixes`` (e.g. inception_v3's
             auxiliary head) must match the architecture.
         reader: an object with ``read(uri) -> bytes`` used for ``s3://`` weights
-            (:class:`pipeline.storage.ObjectReader`); a default one is made when None.
+            (:class:`pipeline.io.storage.ObjectReader`); a default one is made when None.
 
     Raises:
         ConfigError: unknown name, bad ``num_classes``/``in_chans``.
@@ -216,7 +216,7 @@ def load_state_dict(path_or_uri: str, *, reader=None) -> dict[str, torch.Tensor]
     """
     if path_or_uri.startswith("s3://"):
         if reader is None:
-            from pipeline.storage import make_reader
+            from pipeline.io.storage import make_reader
 
             reader = make_reader()
         data = io.BytesIO(reader.read(path_or_uri))

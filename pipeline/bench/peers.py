@@ -5,8 +5,8 @@ Peers (each runs in its own Python process, so one peer's memory and warm caches
 ``model_only``
     :meth:`Predictor.predict_probs` on a uint8 batch already in memory: the ceiling for this model and runtime.
 ``decode_only``
-    read + :func:`~pipeline.images.decode_image` + stack + :func:`~pipeline.images.to_model_input`, in the
-    pipeline's own thread pool (:func:`~pipeline.inference.run_pipeline` with the forward pass left out).
+    read + :func:`~pipeline.io.images.decode_image` + stack + :func:`~pipeline.io.images.to_model_input`, in the
+    pipeline's own thread pool (:func:`~pipeline.inference.predictor.run_pipeline` with the forward pass left out).
 ``naive``
     one image at a time: PIL open -> torchvision ``Resize, ToTensor, Normalize`` -> model -> argmax.
 ``ray``
@@ -23,7 +23,7 @@ results reaching the consumer (the first one counted from the first image), so f
 is the steady-state time per batch, not the time one batch spends in flight.
 
 Run it with ``invsort bench SOURCE --model M`` (see ``invsort bench --help``). A peer process is
-``python -m pipeline.bench --peer`` with its spec as JSON on standard input.
+``python -m pipeline.bench.peers --peer`` with its spec as JSON on standard input.
 
 This module imports only the standard library and light invsort modules at import time; torch, PIL, Ray and
 the database layer are imported by the peers that use them.
@@ -53,7 +53,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError, InvsortError, SourceError
 from pipeline.records import Item
-from pipeline.storage import iter_source, local_path, make_reader
+from pipeline.io.storage import iter_source, local_path, make_reader
 
 __all__ = ["PEERS", "RayConfig", "format_table", "main", "parse_ray_config", "ray_candidates", "run_bench"]
 
@@ -299,8 +299,8 @@ def peer_model_only(spec: dict[str, Any]) -> dict[str, Any]:
     """Forward passes of ``spec["images"]`` images in batches, from one random uint8 batch in memory."""
     import torch
 
-    from pipeline.inference import Predictor
-    from pipeline.modelfile import load_model_file
+    from pipeline.inference.predictor import Predictor
+    from pipeline.models.modelfile import load_model_file
 
     settings = _peer_settings(spec)
     threads = _set_threads(spec["threads"])
@@ -326,9 +326,9 @@ def peer_decode_only(spec: dict[str, Any]) -> dict[str, Any]:
     """The pipeline's fetch + decode + normalise, threaded as in production, without the forward pass."""
     import torch
 
-    from pipeline.images import to_model_input
-    from pipeline.inference import Predictor, run_pipeline
-    from pipeline.modelfile import load_model_file
+    from pipeline.io.images import to_model_input
+    from pipeline.inference.predictor import Predictor, run_pipeline
+    from pipeline.models.modelfile import load_model_file
 
     class NormaliseOnly(Predictor):
         """A predictor whose "model" only normalises the batch: what is left is reading and decoding."""
@@ -357,7 +357,7 @@ def peer_decode_only(spec: dict[str, Any]) -> dict[str, Any]:
                            max_pixels=settings.max_image_pixels)
     return {**_figures(summary.images, start, arrivals), "failed": failed, "model": _model_info(mf),
             "config": {"decode_threads": settings.decode_threads, "batch_size": spec["batch_size"],
-                       "decoder": "OpenCV (pipeline.images.decode_image) + to_model_input, run_pipeline's pool"}}
+                       "decoder": "OpenCV (pipeline.io.images.decode_image) + to_model_input, run_pipeline's pool"}}
 
 
 def peer_naive(spec: dict[str, Any]) -> dict[str, Any]:
@@ -366,7 +366,7 @@ def peer_naive(spec: dict[str, Any]) -> dict[str, Any]:
     from PIL import Image
     from torchvision import transforms
 
-    from pipeline.modelfile import load_model_file
+    from pipeline.models.modelfile import load_model_file
 
     threads = _set_threads(spec["threads"])
     mf = load_model_file(spec["model"])
@@ -399,8 +399,8 @@ class _RayClassifier:
     def __init__(self, model_spec: str, threads: int, decode: bool, runtime: str):
         import torch
 
-        from pipeline.inference import Predictor
-        from pipeline.modelfile import load_model_file
+        from pipeline.inference.predictor import Predictor
+        from pipeline.models.modelfile import load_model_file
 
         torch.set_num_threads(threads)
         self.predictor = Predictor(load_model_file(model_spec), device="cpu", runtime=runtime)
@@ -429,7 +429,7 @@ def _ray_decode(batch: dict[str, Any], *, size: tuple[int, int], in_chans: int) 
     import numpy as np
 
     from pipeline.errors import ImageError
-    from pipeline.images import decode_image
+    from pipeline.io.images import decode_image
 
     t0 = time.time()
     raw = batch["bytes"]
@@ -455,7 +455,7 @@ def peer_ray(spec: dict[str, Any]) -> dict[str, Any]:
     import ray
     import ray.data
 
-    from pipeline.modelfile import load_model_file
+    from pipeline.models.modelfile import load_model_file
 
     cfg = RayConfig(**spec["ray"])
     settings = _peer_settings(spec)
@@ -501,11 +501,11 @@ def peer_ray(spec: dict[str, Any]) -> dict[str, Any]:
 @contextlib.contextmanager
 def _scratch_database(url: str | None) -> Iterator[tuple[str, str]]:
     """``(scratch URL, description)``: a migrated empty catalog next to ``url``'s, removed on exit (see
-    :func:`pipeline.bench_catalog.scratch_database`); None: a fresh SQLite file in a temporary directory."""
+    :func:`pipeline.bench.catalog.scratch_database`); None: a fresh SQLite file in a temporary directory."""
     from sqlalchemy.engine import make_url
 
     from db.session import safe_url
-    from pipeline.bench_catalog import scratch_database
+    from pipeline.bench.catalog import scratch_database
 
     if url is None:
         with tempfile.TemporaryDirectory(prefix="invsort-bench-") as tmp, \
@@ -612,7 +612,7 @@ def _list_source(source: str, limit: int | None) -> tuple[list[Item], int]:
     reader = make_reader(extra_roots=[Path(os.path.realpath(path))])
     items = list(islice(iter_source(str(path), reader), limit))
     if not items:
-        raise SourceError(f"no images in {path} (suffixes: see pipeline.storage.IMAGE_SUFFIXES)")
+        raise SourceError(f"no images in {path} (suffixes: see pipeline.io.storage.IMAGE_SUFFIXES)")
     size = sum(len(reader.read(item.uri)) for item in items)
     return items, size
 
@@ -623,7 +623,7 @@ def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     began = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-m", "pipeline.bench", "--peer"], input=json.dumps(spec),
+        proc = subprocess.run([sys.executable, "-m", "pipeline.bench.peers", "--peer"], input=json.dumps(spec),
                               capture_output=True, text=True, env=env, timeout=PEER_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
         return {"status": "error", "reason": f"timed out after {PEER_TIMEOUT_S} s"}
@@ -676,7 +676,7 @@ def run_bench(
     """Run the chosen peers one after the other, each in its own process, on the first ``limit`` images.
 
     Args:
-        source: a local folder, walked recursively (:func:`pipeline.storage.iter_source`'s order).
+        source: a local folder, walked recursively (:func:`pipeline.io.storage.iter_source`'s order).
         model_spec: a model file path or ``bundled:NAME``.
         limit: how many images (None: all).
         batch_size: images per batch for every batched peer (1..4096).
@@ -684,7 +684,7 @@ def run_bench(
         db_urls: databases for extra ``invsort`` runs besides the temporary SQLite file.
         threads: torch threads in the model-only, naive and invsort peers (0: torch's default).
         ray_config: the Ray layout; None tunes it on ``ray_tune_images`` images first.
-        upsert_rows: when > 0, also :func:`pipeline.bench_catalog.bench_upserts` with this many rows on each
+        upsert_rows: when > 0, also :func:`pipeline.bench.catalog.bench_upserts` with this many rows on each
             database (rows/s of catalog writes alone).
         on_event: called with a line of progress text.
 
@@ -698,7 +698,7 @@ def run_bench(
         SourceError: ``source`` is not a local folder of images.
         FileNotFoundError, ModelFileError: the model cannot be loaded.
     """
-    from pipeline.modelfile import load_model_file
+    from pipeline.models.modelfile import load_model_file
 
     peers = PEERS if peers is None else tuple(peers)
     unknown = [p for p in peers if p not in PEERS]
@@ -797,9 +797,9 @@ def _run_ray(base: dict[str, Any], config: RayConfig | None, tune_images: int, t
 def _bench_upserts(db_urls: Sequence[str], rows: int, batch_size: int,
                    say: Callable[[str], None]) -> dict[str, Any]:
     try:
-        from pipeline.bench_catalog import bench_upserts
+        from pipeline.bench.catalog import bench_upserts
     except ImportError as exc:
-        return {"status": "skipped", "reason": f"pipeline.bench_catalog is not available: {exc}"}
+        return {"status": "skipped", "reason": f"pipeline.bench.catalog is not available: {exc}"}
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="invsort-bench-") as tmp:
         for url in (f"sqlite:///{Path(tmp) / 'catalog.db'}", *db_urls):
@@ -880,8 +880,8 @@ def _describe(cfg: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Peer process: ``python -m pipeline.bench --peer`` reads a spec (JSON) on stdin and prints its result."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench",
+    """Peer process: ``python -m pipeline.bench.peers --peer`` reads a spec (JSON) on stdin and prints its result."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.peers",
                                      description="One benchmark peer (used by 'invsort bench'); spec as JSON on stdin.")
     parser.add_argument("--peer", action="store_true", required=True, help="run the peer described on stdin")
     parser.parse_args(argv)

@@ -2,18 +2,18 @@
 
 One call of :func:`train` does what a catalogue team needs, in this order:
 
-1. **Check and split** the photo set with :mod:`pipeline.dataprep`: bad files are excluded with their reason,
+1. **Check and split** the photo set with :mod:`pipeline.training.dataprep`: bad files are excluded with their reason,
    exact and near duplicates stay inside one split, a seeded stratified train / val / test split is written as a
    manifest next to the model (``<model>.split.csv``).
-2. **Decode once** with the worker's own :func:`pipeline.images.decode_image` at the model's input size (so
+2. **Decode once** with the worker's own :func:`pipeline.io.images.decode_image` at the model's input size (so
    training, evaluation and sorting see the same pixels), kept in memory as uint8 ``(N, H, W, C)``.
-3. **Train**: the :func:`pipeline.transforms.train_preset` augmentation per image (DataLoader worker processes
+3. **Train**: the :func:`pipeline.training.transforms.train_preset` augmentation per image (DataLoader worker processes
    above 4 cores), optional mixup/cutmix, AdamW with linear warm-up then cosine decay (Loshchilov & Hutter
    2017), label smoothing (Szegedy et al. 2016), class weights or a balanced sampler for imbalanced sets,
    gradient clipping, AMP on CUDA, early stopping when validation stops improving, best (by validation
    accuracy) and last checkpoints in ``<model>.ckpt/`` (``--resume``).
 4. **Calibrate**: temperature scaling on the validation split, then the review threshold for a target precision
-   (:mod:`pipeline.calibration`); both go into the model file and the worker obeys them.
+   (:mod:`pipeline.evaluation.calibration`); both go into the model file and the worker obeys them.
 5. **Score** the held-out test split, and write the model file and its model card (``<model>.card.md``).
 
 Runs are repeatable on the CPU for a given seed and thread count: the split, the sampling order, every random
@@ -44,10 +44,10 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.errors import ConfigError, ModelFileError, SourceError
-from pipeline.images import MIN_SIDE_PX, decode_image, to_model_input
-from pipeline.modelfile import ModelFile, save_model_file
-from pipeline.models import arch_spec, create_model
-from pipeline.storage import IMAGE_SUFFIXES
+from pipeline.io.images import MIN_SIDE_PX, decode_image, to_model_input
+from pipeline.models.modelfile import ModelFile, save_model_file
+from pipeline.models.registry import arch_spec, create_model
+from pipeline.io.folders import Arrays, load_images
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class TrainConfig:
     clip_grad_norm: float = 2.0
     target_precision: float = 0.995
     threshold_confidence: float = 0.9  # the review threshold's precision bound holds at this level (calibration)
-    near_dup_distance: int | None = None  # None: pipeline.dataprep's default
+    near_dup_distance: int | None = None  # None: pipeline.training.dataprep's default
     threads: int = 0  # torch intra-op threads; 0 = all cores
     loader_workers: int = -1  # augmentation processes; -1 = none up to 4 cores (measured: on 2 cores one worker
     # process next to torch's 2 threads made training 5x slower), else cores // 4
@@ -187,71 +187,6 @@ def resolve_recipe(cfg_overrides: dict[str, Any], sizes: Sequence[tuple[int, int
     return cfg
 
 
-def scan_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """Class names (sorted sub-folder names) and ``(path, label)`` pairs of a folder-per-category tree.
-
-    Raises:
-        SourceError: missing folder, or fewer than two category folders with images.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise SourceError(f"training data folder not found: {root}")
-    classes = []
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.rglob("*") if f.is_file()):
-            classes.append(d.name)
-    if len(classes) < 2:
-        raise SourceError(
-            f"{root} needs one sub-folder per category with images in each (found {len(classes)}): "
-            "e.g. DIR/Boot/*.jpg, DIR/Sandal/*.jpg"
-        )
-    samples = []
-    for label, name in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(root / name):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for f in sorted(filenames):
-                if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES:
-                    samples.append((os.path.join(dirpath, f), label))
-    return classes, samples
-
-
-@dataclass
-class Arrays:
-    """Decoded images ``(N, H, W, C)`` uint8, labels ``(N,)`` int64, paths, and files that failed with why."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    paths: list[str]
-    failed: list[tuple[str, str]]
-
-
-def load_images(
-    samples: Sequence[tuple[str, int]], *, size: tuple[int, int], in_chans: int, threads: int | None = None,
-    progress: bool = False, desc: str = "decode",
-) -> Arrays:
-    """Decode ``(path, label)`` samples at ``size`` with the worker's decoder, in a thread pool.
-
-    A file that cannot be read or decoded is left out and listed in ``failed`` with its reason.
-    """
-    threads = threads or min(8, os.cpu_count() or 1)
-
-    def load(path: str) -> np.ndarray | str:
-        try:
-            with open(path, "rb") as fh:
-                return decode_image(fh.read(), size=size, in_chans=in_chans)
-        except Exception as exc:
-            return str(exc)
-
-    with ThreadPoolExecutor(threads) as pool:
-        results = list(tqdm(pool.map(load, [p for p, _ in samples], chunksize=64), total=len(samples), desc=desc,
-                            unit="img", disable=not progress, leave=False))
-    failed = [(p, r) for (p, _), r in zip(samples, results, strict=True) if isinstance(r, str)]
-    keep = [i for i, r in enumerate(results) if not isinstance(r, str)]
-    images = np.stack([results[i] for i in keep]) if keep else np.zeros((0, *size, in_chans), np.uint8)
-    labels = np.array([samples[i][1] for i in keep], dtype=np.int64)
-    return Arrays(images, labels, [samples[i][0] for i in keep], failed)
-
-
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to 0 (Loshchilov & Hutter, SGDR)."""
     if step < warmup:
@@ -278,7 +213,7 @@ def predict_logits(
     """Logits ``(N, num_classes)`` float32 on the CPU for uint8 ``(N, H, W, C)`` images (model put in eval mode).
 
     ``mean`` and ``std`` are ``(1, C, 1, 1)`` float32 in 0..1 units; the normalisation is the worker's
-    :func:`pipeline.images.to_model_input`.
+    :func:`pipeline.io.images.to_model_input`.
     """
     device = device or torch.device("cpu")
     model.eval()
@@ -467,7 +402,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def _device(name: str) -> torch.device:
-    from pipeline.inference import resolve_device
+    from pipeline.inference.predictor import resolve_device
 
     return resolve_device(name)
 
@@ -525,10 +460,10 @@ def train(
         ConfigError: a bad recipe value (the message names it and its valid range).
         FileNotFoundError, ModelFileError: ``resume`` without a usable checkpoint.
     """
-    from pipeline.calibration import choose_threshold, fit_temperature, selective_scores
-    from pipeline.dataprep import check_dataset, grouped_split, read_split_manifest, write_split_manifest
-    from pipeline.evaluation import compute_metrics, expected_calibration_error
-    from pipeline.transforms import batch_mixing, train_preset
+    from pipeline.evaluation.calibration import choose_threshold, fit_temperature, selective_scores
+    from pipeline.training.dataprep import check_dataset, grouped_split, read_split_manifest, write_split_manifest
+    from pipeline.evaluation.report import compute_metrics, expected_calibration_error
+    from pipeline.training.transforms import batch_mixing, train_preset
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -767,7 +702,7 @@ def train(
                f"{sel['precision']:.4f} on {sel['coverage']:.1%} sorted, {sel['needs_review']} to review")
     info["train_seconds"] = time.perf_counter() - t_start
     version = save_model_file(mf, out)
-    from pipeline.modelcard import write_model_card
+    from pipeline.models.modelcard import write_model_card
 
     write_model_card(mf, model_card_path(out))
     log_fn(f"saved {out} (version {version}), model card {model_card_path(out)}; "

@@ -1,7 +1,7 @@
 """torchvision.transforms.v2 presets derived from a model's config: input size, mean/std and channels.
 
 * :func:`eval_preset`: one PIL image or uint8 tensor of any size → the normalised tensor the worker would make
-  from the same file (:func:`pipeline.images.decode_image` then :func:`pipeline.images.to_model_input`).
+  from the same file (:func:`pipeline.io.images.decode_image` then :func:`pipeline.io.images.to_model_input`).
 * :func:`train_preset`: one uint8 image already at the model's input size → an augmented, normalised tensor.
 * :func:`batch_mixing`: MixUp / CutMix on a collated batch, turning integer labels into soft labels.
 
@@ -26,13 +26,13 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
 from pipeline.errors import ConfigError
-from pipeline.images import resize_for_model
+from pipeline.io.images import resize_for_model
 
 POLICIES = ("trivialaugment", "randaugment", "none")
 
 
 class _WorkerResize(v2.Transform):
-    """Resize to ``(H, W)`` exactly as :func:`pipeline.images.decode_image` does: OpenCV ``INTER_AREA`` when the
+    """Resize to ``(H, W)`` exactly as :func:`pipeline.io.images.decode_image` does: OpenCV ``INTER_AREA`` when the
     image has more pixels than the target, ``INTER_LINEAR`` otherwise; no aspect-ratio preservation.
 
     torchvision has no area filter for tensors. Measured on 40 footwear photos (102x136 → 51x68, ImageNet
@@ -58,7 +58,7 @@ class _WorkerResize(v2.Transform):
 
 
 def _pil_like_worker(im: PIL.Image.Image, in_chans: int) -> PIL.Image.Image:
-    """A PIL image in the mode and orientation :func:`pipeline.images.decode_image` gives the same file: EXIF
+    """A PIL image in the mode and orientation :func:`pipeline.io.images.decode_image` gives the same file: EXIF
     orientation applied to JPEGs (OpenCV applies it when decoding to colour or grey), transparency composited
     onto white, 16-bit scaled to 8 bits, then ``"L"`` or ``"RGB"``."""
     mode = "L" if in_chans == 1 else "RGB"

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ModelFileError
-from pipeline.models import create_model
+from pipeline.models.registry import create_model
 
 FORMAT = "invsort-model/1"
 BUNDLED_PREFIX = "bundled:"
@@ -133,7 +133,7 @@ def load_model_file(spec: str, *, reader=None) -> ModelFile:
     path = resolve_model_path(spec)
     if path.startswith("s3://"):
         if reader is None:
-            from pipeline.storage import make_reader
+            from pipeline.io.storage import make_reader
 
             reader = make_reader()
         source: Any = io.BytesIO(reader.read(path))

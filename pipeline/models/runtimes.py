@@ -3,13 +3,13 @@
 ``INVSORT_RUNTIME`` picks one of :data:`RUNTIMES`; ``torch`` (the default) needs nothing from here. For the
 others, :func:`load_session` exports the network once per model version to
 ``<cache dir>/<version>.opset<N>.onnx`` (the version is recomputed from the weights with
-:func:`pipeline.modelfile.model_version`, so a file is never matched to another model's export), builds an
+:func:`pipeline.models.modelfile.model_version`, so a file is never matched to another model's export), builds an
 inference session on it, and checks it against the PyTorch network on a small random batch before any image
 is sorted: a runtime that disagrees is refused.
 
-The ONNX graph takes what :func:`pipeline.images.to_model_input` makes, as a contiguous ``(N, C, H, W)``
+The ONNX graph takes what :func:`pipeline.io.images.to_model_input` makes, as a contiguous ``(N, C, H, W)``
 float32 array with a dynamic batch axis and the model file's fixed ``(H, W)``, and returns ``(N, num_classes)``
-float32 logits. Temperature and softmax stay in :class:`pipeline.inference.Predictor`, shared by all runtimes.
+float32 logits. Temperature and softmax stay in :class:`pipeline.inference.predictor.Predictor`, shared by all runtimes.
 
 These runtimes run on the CPU only; CUDA inference is always PyTorch's (see ``Predictor``).
 """
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.modelfile import ModelFile, model_version
+from pipeline.models.modelfile import ModelFile, model_version
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The model card written next to every trained model (Mitchell et al. 2019, "Model Cards for Model Reporting").
 
-Everything in it comes from the model file: its ``info`` (written by :func:`pipeline.training.train`) and its
+Everything in it comes from the model file: its ``info`` (written by :func:`pipeline.training.recipe.train`) and its
 fields. Sections: model details, intended use and limits, data (counts per class and split, what was excluded
 and why, duplicates, the split manifest's SHA-256), recipe, training, metrics on the held-out test split,
 calibration and the review threshold.
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.modelfile import ModelFile
+from pipeline.models.modelfile import ModelFile
 
 
 def _f(x: Any, digits: int = 4) -> str:

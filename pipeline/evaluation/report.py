@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.calibration import coverage_precision_curve, selective_scores
+from pipeline.evaluation.calibration import coverage_precision_curve, selective_scores
 from pipeline.errors import ConfigError, ImageError
-from pipeline.images import decode_image
+from pipeline.io.images import decode_image
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def compute_metrics(
 
 
 def _load_images(data_dir: Path, model_classes: list[str], size: tuple[int, int], in_chans: int):
-    from pipeline.training import scan_folder
+    from pipeline.io.folders import scan_folder
 
     folders, samples = scan_folder(data_dir)
     unknown = [f for f in folders if f not in model_classes]
@@ -173,8 +173,8 @@ def evaluate(
     """
     import torch
 
-    from pipeline.inference import Predictor
-    from pipeline.modelfile import load_model_file
+    from pipeline.inference.predictor import Predictor
+    from pipeline.models.modelfile import load_model_file
 
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")

@@ -1,6 +1,6 @@
 """How fast the catalog takes results: :func:`db.catalog.upsert_items` measured alone, without images or a model.
 
-Run it on the database the workers write to (``python -m pipeline.bench_catalog URL --rows 100000``): it works
+Run it on the database the workers write to (``python -m pipeline.bench.catalog URL --rows 100000``): it works
 in a scratch schema (PostgreSQL) or a scratch file (SQLite) that it removes afterwards, so the user's tables are
 never read or written.
 """
@@ -176,11 +176,11 @@ def bench_upserts(url: str, *, rows: int = 100_000, batch_size: int = 256) -> di
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m pipeline.bench_catalog URL [--rows N] [--batch-size B ...]``: one JSON line per batch size."""
+    """``python -m pipeline.bench.catalog URL [--rows N] [--batch-size B ...]``: one JSON line per batch size."""
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.bench_catalog",
+        prog="python -m pipeline.bench.catalog",
         description="Measure catalog upserts (rows/s) in a scratch schema or file next to URL's database.",
-        epilog="example: python -m pipeline.bench_catalog postgresql://postgres@127.0.0.1/test "
+        epilog="example: python -m pipeline.bench.catalog postgresql://postgres@127.0.0.1/test "
         "--rows 100000 --batch-size 64 256 512",
     )
     parser.add_argument("url", help="SQLAlchemy URL of a PostgreSQL database or SQLite file")
