@@ -21,10 +21,10 @@ from db.catalog import complete_job_if_done, create_job, fail_job, finish_listin
 from db.session import session_scope
 from pipeline.errors import SourceError
 from pipeline.inference.predictor import Predictor, Summary, run_pipeline
+from pipeline.io.storage import ObjectReader, iter_source, local_path, make_reader
 from pipeline.models.modelfile import load_model_file
 from pipeline.records import Item, ItemResult
 from pipeline.settings import Settings
-from pipeline.io.storage import ObjectReader, iter_source, local_path, make_reader
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from pipeline.errors import ConfigError, SourceError
 from pipeline.training import dataprep
 from pipeline.training.dataprep import (
     check_dataset,
@@ -23,7 +24,6 @@ from pipeline.training.dataprep import (
     thumbnails_agree,
     write_split_manifest,
 )
-from pipeline.errors import ConfigError, SourceError
 from tests.images import BAD_IMAGES, FOOTWEAR_TAR, photo_jpeg
 from worker.cli import main
 

@@ -15,9 +15,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import pipeline.io.images as images_module
 import pipeline.inference.predictor as inference
+import pipeline.io.images as images_module
 from pipeline.errors import ConfigError, ImageError
+from pipeline.inference.predictor import Predictor, run_pipeline
 from pipeline.io.images import (
     batch_decodable_jpeg,
     decode_image,
@@ -26,7 +27,6 @@ from pipeline.io.images import (
     resize_for_model,
     resize_on_device,
 )
-from pipeline.inference.predictor import Predictor, run_pipeline
 from pipeline.models.modelfile import ModelFile
 from pipeline.models.registry import create_model
 from pipeline.records import Item

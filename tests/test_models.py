@@ -123,8 +123,8 @@ def test_imagenet_weights_load_from_local_file_and_s3(s3_bucket):
 
     client, bucket = s3_bucket
     client.upload_file(str(MOBILENET_WEIGHTS), bucket, "weights/mnv2.pth")
-    from pipeline.settings import build_settings
     from pipeline.io.storage import make_reader
+    from pipeline.settings import build_settings
 
     reader = make_reader(build_settings(s3_endpoint_url=client.meta.endpoint_url))
     remote = create_model("mobilenet_v2", num_classes=3, weights=f"s3://{bucket}/weights/mnv2.pth", reader=reader)

@@ -9,10 +9,10 @@ from click.testing import CliRunner
 from db.catalog import get_job, iter_items
 from db.session import session_scope
 from pipeline.inference.predictor import Predictor, run_pipeline
+from pipeline.io.storage import make_reader
 from pipeline.models.modelfile import load_model_file
 from pipeline.records import Item
 from pipeline.settings import build_settings
-from pipeline.io.storage import make_reader
 from tests.images import BAD_IMAGES, EXAMPLES, example_files
 from worker.cli import main
 

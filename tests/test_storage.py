@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 
 from pipeline.errors import InvsortError, SourceError
-from pipeline.records import Item
-from pipeline.settings import Settings
 from pipeline.io.storage import (
     LocalStorage,
     ObjectReader,
@@ -28,6 +26,8 @@ from pipeline.io.storage import (
     parse_s3_uri,
     to_uri,
 )
+from pipeline.records import Item
+from pipeline.settings import Settings
 
 
 def _png(seed: int) -> bytes:

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from db.session import session_scope
 from pipeline.errors import ConfigError, SourceError
 from pipeline.io.fashion_mnist import DEFAULT_DIR, export_png_tree
-from pipeline.models.modelfile import load_model_file
 from pipeline.io.folders import scan_folder
+from pipeline.models.modelfile import load_model_file
 from pipeline.training.recipe import TrainConfig, cpu_has_native_bf16, resolve_recipe, train
 from tests.images import BAD_IMAGES, FOOTWEAR_TAR, MOBILENET_WEIGHTS
 from worker.cli import main

@@ -52,8 +52,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError, InvsortError, SourceError
-from pipeline.records import Item
 from pipeline.io.storage import iter_source, local_path, make_reader
+from pipeline.records import Item
 
 __all__ = ["PEERS", "RayConfig", "format_table", "main", "parse_ray_config", "ray_candidates", "run_bench"]
 
@@ -326,8 +326,8 @@ def peer_decode_only(spec: dict[str, Any]) -> dict[str, Any]:
     """The pipeline's fetch + decode + normalise, threaded as in production, without the forward pass."""
     import torch
 
-    from pipeline.io.images import to_model_input
     from pipeline.inference.predictor import Predictor, run_pipeline
+    from pipeline.io.images import to_model_input
     from pipeline.models.modelfile import load_model_file
 
     class NormaliseOnly(Predictor):

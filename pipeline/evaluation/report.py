@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.evaluation.calibration import coverage_precision_curve, selective_scores
 from pipeline.errors import ConfigError, ImageError
+from pipeline.evaluation.calibration import coverage_precision_curve, selective_scores
 from pipeline.io.images import decode_image
 
 log = logging.getLogger(__name__)

@@ -35,8 +35,8 @@ import torch
 from pipeline.errors import ConfigError, ImageError
 from pipeline.io.images import batch_decodable_jpeg, decode_image, decode_jpeg_batch, to_model_input
 from pipeline.models.modelfile import ModelFile
-from pipeline.records import Item, ItemResult
 from pipeline.models.runtimes import RuntimeSession, check_runtime_name, load_session
+from pipeline.records import Item, ItemResult
 
 log = logging.getLogger(__name__)
 

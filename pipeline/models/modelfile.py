@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ModelFileError
+from pipeline.io.files import atomic_path
 from pipeline.models.registry import create_model
 
 FORMAT = "invsort-model/1"
@@ -97,11 +98,8 @@ def save_model_file(mf: ModelFile, path: str | Path) -> str:
         "created_at": mf.created_at or dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "info": mf.info,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return mf.version
 
 

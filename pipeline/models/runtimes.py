@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import ConfigError
+from pipeline.io.files import atomic_path
 from pipeline.models.modelfile import ModelFile, model_version
 
 log = logging.getLogger(__name__)
@@ -140,24 +141,19 @@ def export_onnx(model_file: ModelFile, path: str | Path, *, runtime: str = "onnx
     """
     _require("onnx", runtime)
     _require("onnxscript", runtime)  # torch's ONNX exporter (dynamo=True) is built on it
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = model_file.build()
     h, w = model_file.input_size
     example = torch.zeros(EXPORT_BATCH, model_file.in_chans, h, w)
     batch = torch.export.Dim("batch", min=1, max=65536)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     start = time.perf_counter()
     try:
-        with _quiet_exporter_logs():
+        with atomic_path(path) as tmp, _quiet_exporter_logs():
             # external_data=False: one self-contained file (ONNX's 2 GB limit is far above the registry's models)
             torch.onnx.export(
                 model, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                 opset_version=OPSET, dynamo=True, dynamic_shapes=({0: batch},), external_data=False, verbose=False,
             )
-        tmp.replace(path)
     except Exception as exc:  # the exporter raises many types; all mean "this network does not export"
-        tmp.unlink(missing_ok=True)
         raise ConfigError(
             f"INVSORT_RUNTIME={runtime}: cannot export {model_file.name or model_file.arch} ({model_file.arch}) "
             f"to ONNX: {type(exc).__name__}: {exc}"[:800] + "; use INVSORT_RUNTIME=torch"

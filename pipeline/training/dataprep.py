@@ -35,8 +35,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import ConfigError, ImageError, SourceError
-from pipeline.io.images import decode_image
+from pipeline.io.files import atomic_write_bytes, sha256_file
 from pipeline.io.folders import scan_folder
+from pipeline.io.images import decode_image
 
 log = logging.getLogger(__name__)
 
@@ -491,8 +492,7 @@ def write_split_manifest(
         for p, cls in items:
             digest = hashes.get(p)
             if digest is None:
-                with open(p, "rb") as fh:
-                    digest = hashlib.sha256(fh.read()).hexdigest()
+                digest = sha256_file(p)
             rows.append((s, cls, p, digest))
     rows.sort()
     buf = io.StringIO()
@@ -500,9 +500,7 @@ def write_split_manifest(
     w.writerow(["split", "class", "path", "sha256"])
     w.writerows(rows)
     data = buf.getvalue().encode("utf-8")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 

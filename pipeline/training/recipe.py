@@ -23,7 +23,6 @@ augmentation and dropout are drawn from seeded generators, and a resumed run con
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -31,7 +30,6 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,10 +42,11 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.errors import ConfigError, ModelFileError, SourceError
-from pipeline.io.images import MIN_SIDE_PX, decode_image, to_model_input
+from pipeline.io.files import atomic_path, sha256_file
+from pipeline.io.folders import load_images
+from pipeline.io.images import MIN_SIDE_PX, to_model_input
 from pipeline.models.modelfile import ModelFile, save_model_file
 from pipeline.models.registry import arch_spec, create_model
-from pipeline.io.folders import Arrays, load_images
 
 log = logging.getLogger(__name__)
 
@@ -377,9 +376,8 @@ def model_card_path(out: str | Path) -> Path:
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -422,7 +420,7 @@ def _is_gray(paths: Sequence[str], limit: int = 32) -> bool:
 
 
 def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256_file(path)
 
 
 def train(
@@ -461,8 +459,8 @@ def train(
         FileNotFoundError, ModelFileError: ``resume`` without a usable checkpoint.
     """
     from pipeline.evaluation.calibration import choose_threshold, fit_temperature, selective_scores
-    from pipeline.training.dataprep import check_dataset, grouped_split, read_split_manifest, write_split_manifest
     from pipeline.evaluation.report import compute_metrics, expected_calibration_error
+    from pipeline.training.dataprep import check_dataset, grouped_split, read_split_manifest, write_split_manifest
     from pipeline.training.transforms import batch_mixing, train_preset
 
     t_start = time.perf_counter()
