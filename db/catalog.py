@@ -10,13 +10,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import operator
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Insert, func, literal, select, update
+from sqlalchemy import CursorResult, Result, Table, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -41,9 +42,9 @@ __all__ = [
     "upsert_items",
 ]
 
-_items = CatalogItem.__table__
-_jobs = SortingJob.__table__
-_batches = SortingJobBatch.__table__
+_items = cast(Table, CatalogItem.__table__)
+_jobs = cast(Table, SortingJob.__table__)
+_batches = cast(Table, SortingJobBatch.__table__)
 
 _RESULT_FIELDS = tuple(f.name for f in fields(ItemResult))
 
@@ -109,11 +110,16 @@ _JOB_FIELDS = tuple(f.name for f in fields(JobStatus))
 _ROW_FIELDS = tuple(f.name for f in fields(CatalogRow))
 
 
+def _rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE matched (``execute`` of a DML statement returns a :class:`CursorResult`)."""
+    return cast(CursorResult[Any], result).rowcount
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _insert(session: Session, table: Any) -> Insert:
+def _insert(session: Session, table: Table) -> postgresql.Insert | sqlite.Insert:
     """The dialect's INSERT (which has ``on_conflict_do_update``) for the session's database."""
     name = session.get_bind().dialect.name
     if name == "postgresql":
@@ -123,21 +129,12 @@ def _insert(session: Session, table: Any) -> Insert:
     raise InvsortError(f"unsupported database dialect {name!r}: use SQLite or PostgreSQL")
 
 
-# Columns written by upsert_items, in the order of the tuples built by _row_values (every column of the table:
-# tests/test_db.py checks that they agree with the model).
-_UPSERT_COLUMNS = (
-    "item_id",
-    "image_uri",
-    "category",
-    "confidence",
-    "topk",
-    "model_name",
-    "model_version",
-    "status",
-    "error",
-    "job_id",
-    "updated_at",
-)
+# Columns written by upsert_items: ItemResult's fields, in their order, then updated_at. _row_values builds its
+# tuples from the same list, so the two cannot drift apart (tests/test_db.py checks that they are every column of
+# the table).
+_UPSERT_COLUMNS = (*_RESULT_FIELDS, "updated_at")
+_result_values = operator.attrgetter(*_RESULT_FIELDS)  # one C-level call per row for the whole tuple
+_TOPK = _RESULT_FIELDS.index("topk")  # the one field stored as JSON text
 _COLUMN_LIST = ", ".join(_UPSERT_COLUMNS)
 _SET_ALL = ", ".join(f"{name} = excluded.{name}" for name in _UPSERT_COLUMNS if name != "item_id")
 
@@ -180,22 +177,10 @@ def _pg_staging() -> _PgStaging:
 def _row_values(rows: Sequence[ItemResult], updated_at: Any) -> list[tuple[Any, ...]]:
     """One tuple per distinct item in ``_UPSERT_COLUMNS`` order, the last result of each item winning."""
     dumps = json.dumps  # what SQLAlchemy's JSON type uses by default: the same text on both databases
-    by_id = {
-        r.item_id: (
-            r.item_id,
-            r.image_uri,
-            r.category,
-            r.confidence,
-            dumps(r.topk),
-            r.model_name,
-            r.model_version,
-            r.status,
-            r.error,
-            r.job_id,
-            updated_at,
-        )
-        for r in rows
-    }
+    by_id = {}
+    for r in rows:
+        v = _result_values(r)
+        by_id[r.item_id] = (*v[:_TOPK], dumps(v[_TOPK]), *v[_TOPK + 1 :], updated_at)
     return list(by_id.values())
 
 
@@ -349,7 +334,7 @@ def record_batch(
             **{name: _jobs.c[name] + d for name, d in delta.items()},
         )
     )
-    if result.rowcount != 1:
+    if _rowcount(result) != 1:
         raise JobNotFoundError(f"no sorting job {job_id!r}")
 
 
@@ -370,7 +355,7 @@ def finish_listing(*, session: Session, job_id: str, total_items: int, total_bat
         .where(_jobs.c.id == job_id, _jobs.c.status == "listing")
         .values(status="running", total_items=total_items, total_batches=total_batches, updated_at=_now())
     )
-    if result.rowcount != 1:
+    if _rowcount(result) != 1:
         status = session.execute(select(_jobs.c.status).where(_jobs.c.id == job_id)).scalar_one_or_none()
         if status is None:
             raise JobNotFoundError(f"no sorting job {job_id!r}")
@@ -399,7 +384,7 @@ def complete_job_if_done(*, session: Session, job_id: str) -> bool:
         )
         .values(status="done", finished_at=now, updated_at=now)
     )
-    return result.rowcount == 1
+    return _rowcount(result) == 1
 
 
 def fail_job(*, session: Session, job_id: str, error: str) -> bool:
@@ -416,7 +401,7 @@ def fail_job(*, session: Session, job_id: str, error: str) -> bool:
         .where(_jobs.c.id == job_id, _jobs.c.status.in_(("listing", "running")))
         .values(status="failed", error=error, finished_at=now, updated_at=now)
     )
-    return result.rowcount == 1
+    return _rowcount(result) == 1
 
 
 def _job_status(row: Any) -> JobStatus:

@@ -23,6 +23,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session
 
+from pipeline.settings import normalise_database_url
+
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
@@ -66,8 +68,6 @@ def _sqlite_on_begin(conn: Any) -> None:
 
 def _create_engine(url: str) -> Engine:
     u = make_url(url)
-    if u.drivername in ("postgresql", "postgres"):
-        u = u.set(drivername="postgresql+psycopg")  # psycopg 3 is the installed driver, not psycopg2
     if u.get_backend_name() == "sqlite":
         path = sqlite_path(u)
         if path is not None:
@@ -84,7 +84,8 @@ def _create_engine(url: str) -> Engine:
 def get_engine(url: str) -> Engine:
     """The process's engine for ``url``, created on first use.
 
-    For a SQLite file the parent directory is created if missing. ``postgresql://`` URLs use psycopg 3.
+    For a SQLite file the parent directory is created if missing. ``postgresql://`` and ``postgres://`` URLs use
+    psycopg 3 (:func:`pipeline.settings.normalise_database_url`, done here too, so both spellings share an engine).
 
     Returns:
         An :class:`~sqlalchemy.Engine`, the same object for the same URL within one process.
@@ -94,6 +95,7 @@ def get_engine(url: str) -> Engine:
         sqlalchemy.exc.NoSuchModuleError: the URL names a dialect or driver that is not installed.
     """
     global _pid
+    url = normalise_database_url(url)
     with _lock:
         if os.getpid() != _pid:
             # Forked: the pools belong to the parent; drop them without closing the parent's connections.
@@ -101,10 +103,10 @@ def get_engine(url: str) -> Engine:
                 engine.dispose(close=False)
             _engines.clear()
             _pid = os.getpid()
-        engine = _engines.get(url)
-        if engine is None:
-            engine = _engines[url] = _create_engine(url)
-        return engine
+        found = _engines.get(url)
+        if found is None:
+            found = _engines[url] = _create_engine(url)
+        return found
 
 
 def dispose_engines(url: str | None = None) -> None:
@@ -114,7 +116,7 @@ def dispose_engines(url: str | None = None) -> None:
     again by the next :func:`get_engine`. Returns None.
     """
     with _lock:
-        urls = list(_engines) if url is None else [url]
+        urls = list(_engines) if url is None else [normalise_database_url(url)]
         forked = os.getpid() != _pid
         for u in urls:
             engine = _engines.pop(u, None)

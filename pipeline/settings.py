@@ -8,9 +8,10 @@ Nothing here is built at import time: call :func:`get_settings`, which caches on
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -21,20 +22,59 @@ BUNDLED_MODEL = "bundled:fashion_mnist_cnn"
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
+def normalise_database_url(url: str) -> str:
+    """The database URL with the driver invsort uses: the one place URLs are normalised.
+
+    ``postgres://`` and ``postgresql://`` (no driver named) become ``postgresql+psycopg://``: psycopg 3 is the
+    installed driver, not SQLAlchemy's default psycopg2. ``postgres+DRIVER://`` becomes ``postgresql+DRIVER://``.
+    Anything else (SQLite URLs, an explicit PostgreSQL driver) is returned unchanged; nothing is validated here.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    dialect, plus, driver = scheme.partition("+")
+    if dialect == "postgres":
+        dialect = "postgresql"
+    if dialect == "postgresql" and not plus:
+        driver, plus = "psycopg", "+"
+    return f"{dialect}{plus}{driver}://{rest}"
+
+
+def check_device(name: str, *, what: str = "INVSORT_DEVICE") -> str:
+    """``name`` if it is a device name invsort knows: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (N >= 0).
+
+    Only the spelling is checked here; whether the GPU exists is checked where it is used
+    (:func:`pipeline.inference.predictor.resolve_device`).
+
+    Raises:
+        ConfigError: any other name; the message starts with ``what`` (the setting or option) and lists the valid
+            ones.
+    """
+    if not _DEVICE.fullmatch(name):
+        raise ConfigError(f"{what} must be auto, cpu, cuda or cuda:N (N: a GPU index, 0 first), got {name!r}")
+    return name
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
 class Settings(BaseSettings):
+    """Every setting; numeric ranges are pydantic constraints, and :func:`build_settings` words their errors."""
+
     model_config = SettingsConfigDict(env_prefix="INVSORT_", env_file=".env", extra="ignore")
 
     database_url: str = Field(
         "sqlite:///./invsort.db",
-        description="SQLAlchemy URL of the catalog database (sqlite:///FILE or postgresql+psycopg://...).",
+        description="SQLAlchemy URL of the catalog database (sqlite:///FILE or postgresql://...; postgresql:// "
+        "and postgres:// mean postgresql+psycopg://).",
     )
     broker_url: str = Field("redis://localhost:6379/0", description="Celery broker URL (Redis).")
     model_path: str = Field(
         BUNDLED_MODEL,
         description="Model file: a local path, an s3:// URI, or 'bundled:fashion_mnist_cnn'.",
     )
-    batch_size: int = Field(64, description="Images per inference batch (1..4096).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where inference runs.")
+    batch_size: int = Field(64, ge=1, le=4096, description="Images per inference batch.")
+    device: str = Field("auto", description="Where inference runs: auto, cpu, cuda or cuda:N.")
     runtime: Literal["torch", "onnxruntime", "openvino"] = Field(
         "torch",
         description="What runs the network on the CPU: torch, or the model exported to ONNX and run by "
@@ -54,15 +94,17 @@ class Settings(BaseSettings):
         "batch size, refused at start-up where it fails).",
     )
     decode_workers: int = Field(
-        0, description="Threads that fetch and decode images; 0 picks min(8, CPU count)."
+        0, ge=0, le=256, description="Threads that fetch and decode images; 0 picks min(8, CPU count)."
     )
     cpu_streams: int = Field(
         0,
+        ge=0,
+        le=256,
         description="On the CPU, forward passes run side by side, each on a micro-batch with cores / streams "
         "threads; 0 picks one per core of the process (its torch thread count).",
     )
     cpu_microbatch: int = Field(
-        16, description="Images per forward pass on the CPU (a batch is split into micro-batches), 1..4096."
+        16, ge=1, le=4096, description="Images per forward pass on the CPU (a batch is split into micro-batches)."
     )
     local_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
@@ -70,45 +112,45 @@ class Settings(BaseSettings):
     )
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto, ...).")
     items_per_task: int = Field(
-        256, description="Images in one Celery image-batch task submitted by 'invsort submit' (1..100000)."
+        256, ge=1, le=100_000, description="Images in one Celery image-batch task submitted by 'invsort submit'."
     )
-    task_time_limit_s: int = Field(600, description="Hard time limit of one image-batch task, seconds.")
+    task_time_limit_s: int = Field(
+        600, ge=1, le=86_400, description="Hard time limit of one image-batch task, seconds (at most a day)."
+    )
     visibility_timeout_s: int = Field(
         3600,
+        ge=1,
+        le=604_800,
         description="Seconds before Redis hands an unacknowledged task (its worker died) to another worker; "
-        "keep it above the longest task (1..604800).",
+        "keep it above the longest task (at most a week).",
     )
-    fetch_timeout_s: float = Field(30.0, description="Timeout of one S3 read, seconds.")
-    max_image_bytes: int = Field(50 * 1024 * 1024, description="Larger encoded images fail, bytes.")
+    fetch_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Timeout of one S3 read, seconds (above 0, at most an hour)."
+    )
+    max_image_bytes: int = Field(
+        50 * 1024 * 1024,
+        ge=1,
+        le=2**31,
+        description="Larger encoded images fail, bytes (at most 2 GiB).",
+    )
     max_image_pixels: int = Field(
-        100_000_000, description="Decoded images with more pixels fail (decompression bombs)."
+        100_000_000,
+        ge=64,
+        le=2**31,
+        description="Decoded images with more pixels fail (decompression bombs); at least 8x8, at most 2**31.",
     )
     review_threshold: float | None = Field(
         None,
+        ge=0,
+        le=1,
         description="Confidence below which a row gets status needs_review (0..1). "
         "Unset: the model file's own threshold, or 0.",
     )
 
-    @field_validator("batch_size")
+    @field_validator("device")
     @classmethod
-    def _batch_size(cls, v: int) -> int:
-        if not 1 <= v <= 4096:
-            raise ValueError(f"INVSORT_BATCH_SIZE must be between 1 and 4096, got {v}")
-        return v
-
-    @field_validator("items_per_task")
-    @classmethod
-    def _items_per_task(cls, v: int) -> int:
-        if not 1 <= v <= 100_000:
-            raise ValueError(f"INVSORT_ITEMS_PER_TASK must be between 1 and 100000, got {v}")
-        return v
-
-    @field_validator("visibility_timeout_s")
-    @classmethod
-    def _visibility(cls, v: int) -> int:
-        if not 1 <= v <= 604_800:
-            raise ValueError(f"INVSORT_VISIBILITY_TIMEOUT_S must be between 1 and 604800 seconds, got {v}")
-        return v
+    def _device(cls, v: str) -> str:
+        return check_device(v)
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -120,46 +162,14 @@ class Settings(BaseSettings):
             return word in _TRUE
         return v
 
-    @field_validator("decode_workers")
-    @classmethod
-    def _decode_workers(cls, v: int) -> int:
-        if not 0 <= v <= 256:
-            raise ValueError(f"INVSORT_DECODE_WORKERS must be between 0 (auto) and 256, got {v}")
-        return v
-
-    @field_validator("cpu_streams")
-    @classmethod
-    def _cpu_streams(cls, v: int) -> int:
-        if not 0 <= v <= 256:
-            raise ValueError(f"INVSORT_CPU_STREAMS must be between 0 (one per core) and 256, got {v}")
-        return v
-
-    @field_validator("cpu_microbatch")
-    @classmethod
-    def _cpu_microbatch(cls, v: int) -> int:
-        if not 1 <= v <= 4096:
-            raise ValueError(f"INVSORT_CPU_MICROBATCH must be between 1 and 4096, got {v}")
-        return v
-
-    @field_validator("review_threshold")
-    @classmethod
-    def _threshold(cls, v: float | None) -> float | None:
-        if v is not None and not 0.0 <= v <= 1.0:
-            raise ValueError(f"INVSORT_REVIEW_THRESHOLD must be between 0 and 1, got {v}")
-        return v
-
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, v: str) -> str:
-        scheme = v.split(":", 1)[0].split("+", 1)[0]
-        if scheme not in ("sqlite", "postgresql", "postgres"):
+        v = normalise_database_url(v)
+        if v.split(":", 1)[0].split("+", 1)[0] not in ("sqlite", "postgresql"):
             raise ValueError(
                 f"INVSORT_DATABASE_URL must start with sqlite:/// or postgresql+psycopg://, got {v.split('@')[-1]!r}"
             )
-        if scheme == "postgres":
-            v = "postgresql" + v[len("postgres") :]
-        if v.startswith("postgresql://"):
-            v = "postgresql+psycopg://" + v[len("postgresql://") :]
         return v
 
     @field_validator("broker_url")
@@ -187,7 +197,30 @@ class Settings(BaseSettings):
         return self.decode_workers or min(8, os.cpu_count() or 1)
 
 
-def build_settings(**overrides: object) -> Settings:
+_UNITS = {"_s": " seconds", "_bytes": " bytes", "_pixels": " pixels"}
+
+
+def valid_range(name: str) -> str:
+    """The valid range of numeric setting ``name`` (a field of :class:`Settings`) in words, with its unit:
+    e.g. ``between 1 and 4096`` or ``above 0 and at most 3600 seconds``. Empty for a field without bounds."""
+    bounds: dict[str, object] = {}
+    for m in Settings.model_fields[name].metadata:
+        for kind in ("ge", "gt", "le", "lt"):
+            if hasattr(m, kind):
+                bounds[kind] = getattr(m, kind)
+    if "ge" in bounds and "le" in bounds:
+        text = f"between {bounds['ge']} and {bounds['le']}"
+    else:
+        words = {"ge": "at least", "gt": "above", "le": "at most", "lt": "below"}
+        text = " and ".join(f"{words[kind]} {value}" for kind, value in bounds.items())
+    unit = next((u for suffix, u in _UNITS.items() if name.endswith(suffix)), "")
+    return text + unit if text else ""
+
+
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def build_settings(**overrides: Any) -> Settings:
     """Settings from the environment, with ``overrides`` (command-line options) taking precedence.
 
     Raises:
@@ -198,11 +231,15 @@ def build_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            name = "INVSORT_" + "_".join(str(p) for p in err["loc"]).upper()
+            field = "_".join(str(p) for p in err["loc"])
+            name = "INVSORT_" + field.upper()
             msg = err["msg"].removeprefix("Value error, ")
-            if "input" in err and "literal" in err["type"]:
+            if err["type"] in _RANGE_ERRORS and field in Settings.model_fields:
+                lines.append(f"{name} must be {valid_range(field)}, got {err['input']}")
+                continue
+            if err["type"] != "value_error" and "input" in err:  # our own messages say what they got
                 msg += f" (got {err['input']!r})"
-            lines.append(f"{name}: {msg}")
+            lines.append(msg if msg.startswith(name) else f"{name}: {msg}")
         raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None
 
 

@@ -17,7 +17,7 @@ MAX_FUNCTION_LINES = 120
 
 # Lowest first. A module may import modules of its own layer or of a lower one, never of a higher one.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("kernel", ("pipeline.errors", "pipeline.records", "pipeline.settings", "pipeline.assets")),
+    ("kernel", ("pipeline.errors", "pipeline.records", "pipeline.settings", "pipeline.assets", "pipeline.progress")),
     ("io", ("pipeline.io",)),
     ("models", ("pipeline.models",)),
     ("inference", ("pipeline.inference",)),

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tarfile
+import time
 from importlib.util import find_spec
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -12,11 +16,21 @@ from sqlalchemy import func, select, text
 
 from db.models import CatalogItem
 from db.session import session_scope
-from pipeline.bench.peers import PEERS, RayConfig, _figures, format_table, parse_ray_config, ray_candidates, run_bench
+from pipeline.bench.peers import (
+    PEER_COMMAND,
+    PEERS,
+    RayConfig,
+    _figures,
+    format_table,
+    parse_ray_config,
+    ray_candidates,
+    run_bench,
+)
 from pipeline.errors import ConfigError, SourceError
 from tests.images import EXAMPLES, FOOTWEAR_TAR, MOBILENET_WEIGHTS
 from worker.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
 HAS_RAY = find_spec("ray") is not None
 # One small fixed layout (no tuning): the test checks that the Ray peer works, not which layout is fastest.
 RAY_TEST_CONFIG = "actors=1,cpus=1,threads=1,decode=actor"
@@ -172,3 +186,61 @@ def test_without_ray_the_ray_peer_is_skipped_with_the_install_hint(monkeypatch):
     report = run_bench(str(EXAMPLES), model_spec="bundled:fashion_mnist_cnn", limit=4, peers=["ray"])
     assert report["peers"] == {"ray": RAY_SKIPPED}
     assert report["machine"]["ray"] is None and report["ratios"] == {}
+
+
+def test_percentiles_are_numpy_s_linear_ones():
+    import numpy as np
+
+    gaps = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0]
+    start, arrivals, t = 0.0, [], 0.0
+    for g in gaps:
+        t += g / 1000.0
+        arrivals.append(t)
+    f = _figures(80, start, arrivals)
+    assert f["batch_ms_p50"] == pytest.approx(float(np.percentile(gaps, 50)), abs=0.01)
+    assert f["batch_ms_p95"] == pytest.approx(float(np.percentile(gaps, 95)), abs=0.01)
+
+
+def test_a_peer_process_reads_its_spec_on_stdin_and_prints_one_result_line():
+    """The process 'invsort bench run' starts for each peer: the hidden 'invsort bench peer'."""
+    spec = {"peer": "model_only", "source": str(EXAMPLES), "model": "bundled:fashion_mnist_cnn", "images": 8,
+            "batch_size": 4, "threads": 1}
+    proc = subprocess.run(PEER_COMMAND, input=json.dumps(spec), capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1].removeprefix("INVSORT_BENCH_RESULT "))
+    assert result["status"] == "ok" and result["images"] == 8 and result["batches"] == 2
+    assert result["peak_rss_mib"] > 50 and result["rss_method"] == "ru_maxrss of the peer process"
+
+    broken = subprocess.run(PEER_COMMAND, input="{}", capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            check=False)
+    assert broken.returncode != 0 and "KeyError: 'peer'" in broken.stderr
+
+
+def test_tree_memory_counts_child_processes():
+    from pipeline.bench.peers import _TreeMemory
+
+    monitor = _TreeMemory(interval_s=0.05)
+    child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(64 << 20); time.sleep(1.5)"])
+    try:
+        monitor.start()
+        time.sleep(1.0)
+    finally:
+        tree = monitor.stop()
+        child.wait()
+    assert tree["processes"] >= 2 and tree["peak_rss_mib"] > 64 and 0 < tree["peak_pss_mib"] <= tree["peak_rss_mib"]
+
+
+@pytest.mark.parametrize("subcommand", [[], ["run"]])
+def test_bench_source_and_bench_run_source_are_the_same_command(subcommand, tmp_path):
+    out = tmp_path / "bench.json"
+    run_cli([*subcommand, str(EXAMPLES), "--peer", "model_only", "--limit", "8", "--batch-size", "4",
+             "--json", str(out)])
+    check_report(json.loads(out.read_text()), images=8, peers={"model_only"})
+
+
+def test_bench_help_lists_run_and_catalog_but_not_the_peer_process():
+    result = CliRunner().invoke(main, ["bench", "--help"])
+    assert result.exit_code == 0
+    commands = result.output.split("Commands:")[1]
+    assert "run" in commands and "catalog" in commands and "peer" not in commands.split()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, text
@@ -10,9 +13,11 @@ from sqlalchemy import func, select, text
 from db import catalog
 from db.models import CatalogItem
 from db.session import session_scope
-from pipeline.bench.catalog import bench_upserts, main, make_rows
+from pipeline.bench.catalog import bench_upserts, make_rows
 from pipeline.errors import InvsortError
 from pipeline.records import ItemResult
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _catalog_count(url: str) -> int:
@@ -76,7 +81,24 @@ def test_bench_upserts_rejects_nonsense(sqlite_url):
         bench_upserts("mysql://localhost/catalog", rows=10)
 
 
-def test_main_prints_one_json_line_per_batch_size(sqlite_url, capsys):
-    main([sqlite_url, "--rows", "40", "--batch-size", "8", "40"])
-    lines = capsys.readouterr().out.splitlines()
-    assert [json.loads(line)["batch_size"] for line in lines] == [8, 40]
+def test_cli_prints_one_json_line_per_batch_size(db_url):
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "bench", "catalog", db_url, "--rows", "40", "--batch-size", "8",
+         "--batch-size", "40"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["batch_size"], r["rows"]) for r in lines] == [(8, 40), (40, 40)]
+    assert all(r["backend"] == db_url.split("+")[0].split(":")[0] for r in lines)
+
+
+def test_cli_refuses_nonsense_in_one_line():
+    result = subprocess.run([sys.executable, "-m", "worker.cli", "bench", "catalog", "mysql://localhost/x"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        "Error: unsupported database mysql://localhost/x: use a SQLite or PostgreSQL URL"
+    ]
+    zero = subprocess.run([sys.executable, "-m", "worker.cli", "bench", "catalog", "sqlite://", "--rows", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert zero.returncode == 2 and "Invalid value for '--rows'" in zero.stderr

@@ -30,7 +30,6 @@ from pipeline.io.images import (
 from pipeline.models.modelfile import ModelFile
 from pipeline.models.registry import create_model
 from pipeline.records import Item
-from pipeline.settings import build_settings
 from tests.images import BAD_IMAGES, FOOTWEAR_TAR, MOBILENET_WEIGHTS, example_files, photo_jpeg
 from worker.cli import main
 
@@ -322,28 +321,7 @@ def test_inflight_queue_keeps_rows_read_before_a_listing_error():
     assert [r.item_id for r in rows] == [it.item_id for it in items[:17]]
 
 
-# --- settings -----------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        ({"gpu_decode": "gpu"}, "INVSORT_GPU_DECODE: Input should be 'auto', 'on' or 'off' (got 'gpu')"),
-        ({"compile": "maybe"}, "INVSORT_COMPILE must be true or false (or 1/0, yes/no, on/off), got 'maybe'"),
-    ],
-)
-def test_settings_refuse_bad_values_and_list_the_valid_ones(overrides, message):
-    with pytest.raises(ConfigError) as err:
-        build_settings(**overrides)
-    assert message in str(err.value)
-
-
-def test_settings_read_the_environment(monkeypatch):
-    monkeypatch.setenv("INVSORT_GPU_DECODE", "off")
-    monkeypatch.setenv("INVSORT_COMPILE", "Yes")
-    s = build_settings()
-    assert (s.gpu_decode, s.compile) == ("off", True)
-    assert build_settings(compile="0").compile is False
+# --- refused modes (the settings themselves: tests/test_settings.py) ----------------------------------------------
 
 
 def test_predictor_and_pipeline_refuse_modes_they_cannot_run():

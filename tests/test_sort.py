@@ -205,5 +205,3 @@ def test_cpu_streams_split_a_batch_into_micro_batches_with_the_same_results():
     assert torch.get_num_threads() == threads
     with pytest.raises(ConfigError, match="cpu_microbatch 1..4096"):
         Predictor(mf, device="cpu", cpu_microbatch=0)
-    with pytest.raises(ValueError, match="INVSORT_CPU_STREAMS must be between 0"):
-        build_settings(cpu_streams=-1)

@@ -1,5 +1,6 @@
 """Short real training runs: Fashion-MNIST always (Debian package), footwear photos when ../shared is present."""
 
+import logging
 import random
 import shutil
 import tarfile
@@ -14,7 +15,8 @@ from pipeline.errors import ConfigError, SourceError
 from pipeline.io.fashion_mnist import DEFAULT_DIR, export_png_tree
 from pipeline.io.folders import scan_folder
 from pipeline.models.modelfile import load_model_file
-from pipeline.training.recipe import TrainConfig, cpu_has_native_bf16, resolve_recipe, train
+from pipeline.training.loop import cpu_has_native_bf16
+from pipeline.training.recipe import TrainConfig, resolve_recipe, train
 from tests.images import BAD_IMAGES, FOOTWEAR_TAR, MOBILENET_WEIGHTS
 from worker.cli import main
 
@@ -129,6 +131,21 @@ def test_training_is_repeatable_on_cpu(tmp_path):
     lines.clear()
     train(tmp_path / "d", tmp_path / "c.pt", replace(cfg, amp=False), progress=False, log_fn=lines.append)
     assert any(line.startswith("training invsort_cnn on cpu") and line.endswith("float32 steps") for line in lines)
+
+
+@needs_fmnist
+def test_training_progress_off_a_terminal_is_a_few_log_lines_not_bar_frames(tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline.progress")
+    export_png_tree(tmp_path / "d", "test", every=50)  # 200 images
+    cfg = TrainConfig(arch="invsort_cnn", epochs=2, batch_size=16, image_size=(28, 28), in_chans=1, threads=1)
+    train(tmp_path / "d", tmp_path / "m.pt", cfg, progress=True, log_fn=_quiet)  # stderr is captured: no tty
+    assert "\r" not in capsys.readouterr().err
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.progress"]
+    # check, decode train/val/test, two epochs: at least the last line of each, at most 11 each
+    for desc in ("check", "decode train", "decode val", "decode test", "epoch 1/2", "epoch 2/2"):
+        ours = [line for line in lines if line.startswith(desc + ": ")]
+        assert 1 <= len(ours) <= 11, (desc, lines)
+    assert any(line.startswith("epoch 2/2: 10/10 batch (") for line in lines)
 
 
 def test_training_folder_needs_two_categories(tmp_path):

@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import json
+import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 import redis
+from celery import Celery
+from sqlalchemy import func, select
 
 from db.catalog import get_job, iter_items
+from db.models import SortingJobBatch
 from db.session import session_scope
 from tests.images import BAD_IMAGES, EXAMPLES, example_files
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = "redis://127.0.0.1:6379/13"
@@ -69,6 +83,7 @@ def workers(pg_url, s3_server, broker, tmp_path):
         log.close()
 
 
+@pytest.mark.slow
 def test_submitted_s3_job_is_sorted_by_two_workers_into_postgresql(workers, s3_bucket, pg_url, tmp_path):
     env, logs = workers
     client, bucket = s3_bucket
@@ -111,17 +126,6 @@ def test_submitted_s3_job_is_sorted_by_two_workers_into_postgresql(workers, s3_b
     assert status.returncode == 0 and "done" in status.stdout and f"{n}/{n}" in status.stdout
 
 
-def test_task_messages_are_json_only(broker, pg_url, s3_server):
-    env = worker_env(pg_url, s3_server, broker)
-    code = (
-        "from worker.app import app; c = app.conf;"
-        "print(c.task_serializer, c.accept_content, c.task_acks_late, c.worker_prefetch_multiplier,"
-        " c.task_reject_on_worker_lost)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert out.stdout.split() == ["json", "['json']", "True", "1", "True"]
-
-
 def test_submit_refuses_a_non_model_file_before_queueing(broker, pg_url, s3_server, tmp_path):
     env = worker_env(pg_url, s3_server, broker)
     out = subprocess.run(invsort("submit", str(EXAMPLES), "--model", str(ROOT / "pyproject.toml")), cwd=ROOT,
@@ -130,40 +134,222 @@ def test_submit_refuses_a_non_model_file_before_queueing(broker, pg_url, s3_serv
     assert redis.Redis.from_url(broker).llen("invsort") == 0
 
 
-def test_worker_killed_mid_job_loses_nothing(pg_url, s3_server, broker, tmp_path):
-    """A worker SIGKILLed while it holds tasks: acks_late + reject_on_worker_lost redeliver them."""
+
+
+def start_worker(env: dict[str, str], name: str, log_path: Path, *, own_session: bool = False) -> subprocess.Popen:
+    """``invsort worker -c 1`` (one pool process, prefetch 1) logging at INFO into ``log_path``."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(invsort("worker", "-c", "1", "-n", f"{name}@%h", "-l", "INFO"), cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=own_session)
+
+
+def stop_worker(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_for(condition: Callable[[], T], timeout_s: float, what: str, logs: tuple[Path, ...] = (),
+             poll_s: float = 0.1) -> T:
+    """Poll ``condition`` every ``poll_s`` until it returns something truthy; fail after ``timeout_s`` seconds."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout_s} s: {what}\n" + "\n".join(p.read_text() for p in logs if p.exists()))
+        time.sleep(poll_s)
+    return value
+
+
+def unacked_tasks(client: redis.Redis) -> dict[str, tuple[str, list[Any]]]:
+    """kombu's Redis ``unacked`` hash: delivery tag -> (task id, task args) of each message a worker holds."""
+    held = {}
+    for tag, raw in client.hgetall("unacked").items():
+        message = json.loads(raw)[0]
+        assert message["content-type"] == "application/json" and message["properties"]["body_encoding"] == "base64"
+        args = json.loads(base64.b64decode(message["body"]))[0]
+        held[tag.decode()] = (message["headers"]["id"], args)
+    return held
+
+
+def log_time(log: Path, text: str) -> datetime:
+    """The timestamp of the first line of a worker log that contains ``text``."""
+    line = next(line for line in log.read_text().splitlines() if text in line)
+    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+
+
+def batch_updated_at(pg_url: str, job_id: str, batch_no: int) -> datetime | None:
+    """When ``record_batch`` last wrote batch ``batch_no`` of the job; None while it is not recorded."""
+    with session_scope(pg_url) as session:
+        return session.execute(select(SortingJobBatch.updated_at).where(
+            SortingJobBatch.job_id == job_id, SortingJobBatch.batch_no == batch_no)).scalar()
+
+
+def recorded_batches(pg_url: str, job_id: str, before: datetime | None = None) -> tuple[int, int]:
+    """(batches, items) recorded for the job, last written before ``before`` if given."""
+    b = SortingJobBatch
+    stmt = select(func.count(), func.coalesce(func.sum(b.sorted_count + b.needs_review_count + b.failed_count), 0)
+                  ).where(b.job_id == job_id)
+    if before is not None:
+        stmt = stmt.where(b.updated_at < before)
+    with session_scope(pg_url) as session:
+        return tuple(session.execute(stmt).one())
+
+
+def submit(env: dict[str, str], *args: str) -> str:
+    out = subprocess.run(invsort("submit", *args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout.split()[1].rstrip(":")
+
+
+def job_done(pg_url: str, job_id: str) -> Callable[[], Any]:
+    def done() -> Any:
+        with session_scope(pg_url) as session:
+            job = get_job(session=session, job_id=job_id)
+        return job if job.status == "done" else None
+    return done
+
+
+class _MkdirOnUnpickle:
+    """Pickles to ``os.mkdir(path)``: deserialising the pickle (nothing else) creates the directory ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return os.mkdir, (self.path,)
+
+
+@pytest.mark.slow
+def test_worker_refuses_a_pickle_task_message_without_deserialising_it(pg_url, s3_server, broker, tmp_path):
+    """A pickle message for invsort.sort_batch, whose unpickling would create a directory, is discarded unread."""
+    env = worker_env(pg_url, s3_server, broker)
+    env["INVSORT_ITEMS_PER_TASK"] = "2"
+    client = redis.Redis.from_url(broker)
+    marker, control = tmp_path / "unpickled-1", tmp_path / "unpickled-2"  # same length: one payload serves both
+    item_id = f"pickle-{uuid.uuid4().hex}"
+    image = example_files()[0]
+
+    sender = Celery("pickle-sender", broker=broker)
+    sender.conf.update(task_default_queue="invsort", task_serializer="pickle", accept_content=["pickle"])
+    try:
+        sent = sender.send_task("invsort.sort_batch", serializer="pickle",
+                                args=[str(uuid.uuid4()), 0, [[item_id, image.as_uri()]], _MkdirOnUnpickle(marker)])
+    finally:
+        sender.close()
+    queued = json.loads(client.lindex("invsort", 0))
+    assert queued["content-type"] == "application/x-python-serialize" and queued["headers"]["id"] == sent.id
+    assert queued["headers"]["task"] == "invsort.sort_batch"
+    body = base64.b64decode(queued["body"])
+    assert body.count(str(marker).encode()) == 1
+    # the queued payload is live: unpickled here with the marker renamed, it runs os.mkdir
+    pickle.loads(body.replace(str(marker).encode(), str(control).encode()))  # noqa: S301 - the point of the test
+    assert control.is_dir()
+
+    job_id = submit(env, str(EXAMPLES), "--limit", "2")  # one JSON task, queued behind the pickle one
+    assert client.llen("invsort") == 2
+    log = tmp_path / "worker.log"
+    worker = start_worker(env, "w", log)
+    try:
+        wait_for(job_done(pg_url, job_id), 60, "the JSON task queued after the pickle one is done", (log,))
+        wait_for(lambda: "Refusing to deserialize" in log.read_text(), 10, "the refusal is logged", (log,))
+    finally:
+        stop_worker(worker)
+    text = log.read_text()
+    assert "Refusing to deserialize untrusted content of type pickle (application/x-python-serialize)" in text
+    assert f"[{sent.id}] received" not in text  # never became a task request
+    assert not marker.exists()  # never unpickled
+    assert client.llen("invsort") == 0 and client.hlen("unacked") == 0  # discarded, not waiting for redelivery
+    with session_scope(pg_url) as session:
+        assert all(r.item_id != item_id for r in iter_items(session=session))
+
+
+@pytest.mark.slow
+def test_worker_killed_holding_a_task_has_it_rerun_by_another_worker(pg_url, s3_server, broker, tmp_path):
+    """Worker A is SIGKILLed holding an unfinished task; worker B gets it after the visibility timeout and runs it.
+
+    acks_late leaves the message in kombu's ``unacked`` hash while A works on it; with a 5 s visibility timeout
+    (swept every 2 s) B restores it and runs it, and the job ends done with every item once, within 60 s.
+    """
     env = worker_env(pg_url, s3_server, broker)
     env["INVSORT_ITEMS_PER_TASK"] = "2"
     env["INVSORT_VISIBILITY_TIMEOUT_S"] = "5"
-    submit = subprocess.run(invsort("submit", str(EXAMPLES)), cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert submit.returncode == 0, submit.stderr
-    job_id = submit.stdout.split()[1].rstrip(":")
-    victim = subprocess.Popen(invsort("worker", "-c", "1", "-n", "victim@%h"), cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
+    client = redis.Redis.from_url(broker)
+    n = len(example_files())
+    batches = math.ceil(n / 2)
+    job_id = submit(env, str(EXAMPLES))
+    assert client.llen("invsort") == batches
+    a_log, b_log = tmp_path / "a.log", tmp_path / "b.log"
+
+    def frozen_holding_an_unfinished_task() -> tuple[str, str, list[Any]] | None:
+        """Freeze A (SIGSTOP); if it holds one task it has not finished, return it frozen, else let it go on."""
         with session_scope(pg_url) as session:
-            if get_job(session=session, job_id=job_id).processed > 0:
-                break
-        time.sleep(0.2)
-    os.killpg(victim.pid, signal.SIGKILL)  # the main process and its pool child, mid-job
-    victim.wait()
-    time.sleep(6)  # past the 5 s visibility timeout: the rescuer's first sweep already finds the tasks
-    rescuer = subprocess.Popen(invsort("worker", "-c", "1", "-n", "rescuer@%h"), cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if get_job(session=session, job_id=job_id).batches_done == 0:
+                return None  # mid-job: A has finished some batches first
+        os.killpg(a.pid, signal.SIGSTOP)  # the main process and its pool child: nothing moves while we look
+        held = unacked_tasks(client)
+        if len(held) == 1:
+            ((tag, (task_id, args)),) = held.items()
+            if f"[{task_id}] received" in a_log.read_text() and batch_updated_at(pg_url, job_id, args[1]) is None:
+                return tag, task_id, args
+        os.killpg(a.pid, signal.SIGCONT)  # between two tasks: try again
+        return None
+
+    a = start_worker(env, "a", a_log, own_session=True)
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            with session_scope(pg_url) as session:
-                job = get_job(session=session, job_id=job_id)
-            if job.status == "done":
-                break
-            time.sleep(0.5)
+        tag, task_id, args = wait_for(frozen_holding_an_unfinished_task, 60, "worker A holds a task", (a_log,),
+                                       poll_s=0.01)
     finally:
-        rescuer.terminate()
-        rescuer.wait(timeout=30)
-    assert job.status == "done", job
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(a.pid, signal.SIGKILL)
+        a.wait(timeout=10)
+    killed_at = datetime.now(UTC)
+    batch_no, items = args[1], args[2]
+    assert a.returncode == -signal.SIGKILL
+    # A died holding it: received, never acknowledged, never finished; other batches it did finish
+    assert unacked_tasks(client) == {tag: (task_id, args)}
+    assert f"[{task_id}] succeeded" not in a_log.read_text()
+    assert batch_updated_at(pg_url, job_id, batch_no) is None
+    with session_scope(pg_url) as session:
+        job = get_job(session=session, job_id=job_id)
+    assert job.status == "running" and 0 < job.batches_done < batches
+    done_by_a = recorded_batches(pg_url, job_id)
+    assert done_by_a[0] == job.batches_done
+
+    b = start_worker(env, "b", b_log)
+    started = time.monotonic()
+    try:
+        job = wait_for(job_done(pg_url, job_id), 60, "worker B finishes the job", (a_log, b_log))
+        elapsed = time.monotonic() - started
+    finally:
+        stop_worker(b)
+    b_text = b_log.read_text()
+    assert f"[{task_id}] succeeded" in b_text
+    # B got it from kombu's sweep of unacked messages: not before the 5 s visibility timeout since A took it
+    # (less the milliseconds between kombu's timestamp and A's log line), and the sweep runs every 2 s, so within
+    # 5 s (2 s + slack) of the later of that timeout and B being ready
+    a_took, b_took = log_time(a_log, f"[{task_id}] received"), log_time(b_log, f"[{task_id}] received")
+    assert (b_took - a_took).total_seconds() >= 4.9
+    assert (b_took - max(a_took + timedelta(seconds=5), log_time(b_log, " ready."))).total_seconds() < 5
+    assert batch_updated_at(pg_url, job_id, batch_no) > killed_at  # written by B, after A died
+    assert client.llen("invsort") == 0 and client.hlen("unacked") == 0
+
     with session_scope(pg_url) as session:
         rows = list(iter_items(session=session, job_id=job_id))
-    assert len(rows) == 50 and job.processed == 50  # nothing lost, nothing counted twice
+    by_id = {r.item_id: r for r in rows}
+    assert len(rows) == len(by_id) == n
+    assert {"/".join(r.image_uri.split("/")[-2:]) for r in rows} == {
+        f"{f.parent.name}/{f.name}" for f in example_files()}
+    assert all(by_id[item_id].updated_at > killed_at for item_id, _ in items)
+    counts = {s: sum(r.status == s for r in rows) for s in ("sorted", "needs_review", "failed")}
+    assert (job.total_items, job.processed, job.total_batches, job.batches_done) == (n, n, batches, batches)
+    assert (job.sorted_count, job.needs_review_count, job.failed_count) == (
+        counts["sorted"], counts["needs_review"], counts["failed"])
+    # A's finished batches were acknowledged: nobody ran them again
+    assert recorded_batches(pg_url, job_id, before=killed_at) == done_by_a
+    assert sum(r.updated_at < killed_at for r in rows) == done_by_a[1]
+    print(f"A held batch {batch_no} ({task_id}) after {done_by_a} batches; B took it {b_took - a_took} later, "
+          f"finished in {elapsed:.1f} s")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -10,11 +11,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from pipeline.errors import ConfigError, InvsortError
+
+if TYPE_CHECKING:
+    from pipeline.settings import Settings
 
 log = logging.getLogger("invsort")
 
@@ -32,7 +36,7 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _settings(**overrides: Any):
+def _settings(**overrides: Any) -> Settings:
     from pipeline.settings import build_settings
 
     return build_settings(**overrides)
@@ -50,6 +54,21 @@ def _parse_size(value: str | None) -> tuple[int, int] | None:
     if len(parts) != 2 or not all(8 <= p <= 2048 for p in parts):
         raise ConfigError(f"--image-size must be N or HxW with sides between 8 and 2048 px, got {value!r}")
     return parts[0], parts[1]
+
+
+_DEVICE_HELP = "Where the network runs: auto, cpu, cuda or cuda:N (GPU N, 0 first)"
+
+
+def _check_device(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """Every --device option accepts the same names as INVSORT_DEVICE (:func:`pipeline.settings.check_device`)."""
+    from pipeline.settings import check_device
+
+    if value is None:
+        return None
+    try:
+        return check_device(value, what="device")
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _safe_url(url: str) -> str:
@@ -81,7 +100,8 @@ def main(verbose: int) -> None:
 @click.option("--db", "database_url", default=None, help="Catalog database URL [default: INVSORT_DATABASE_URL, "
               "else sqlite:///./invsort.db].")
 @click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 64].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where inference runs.")
+@click.option("--device", default=None, callback=_check_device, metavar="DEVICE",
+              help=f"{_DEVICE_HELP} [default: INVSORT_DEVICE, else auto].")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Sort at most this many images.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @_handle_errors
@@ -206,13 +226,17 @@ def status(job_id: str | None, database_url: str | None, as_json: bool) -> None:
     settings = _settings(database_url=database_url)
     ensure_at_head(settings.database_url)
     with session_scope(settings.database_url) as session:
-        jobs = [get_job(session=session, job_id=job_id)] if job_id else list_jobs(session=session, limit=20)
-    if job_id and jobs[0] is None:
-        raise click.ClickException(f"no job {job_id} in {_safe_url(settings.database_url)}")
+        if job_id:
+            one = get_job(session=session, job_id=job_id)
+            if one is None:
+                raise click.ClickException(f"no job {job_id} in {_safe_url(settings.database_url)}")
+            jobs = [one]
+        else:
+            jobs = list_jobs(session=session, limit=20)
     for job in jobs:
         if as_json:
-            d = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in vars(job).items()}
-            click.echo(json.dumps(d))
+            record = {**dataclasses.asdict(job), "processed": job.processed}
+            click.echo(json.dumps(record, default=lambda v: v.isoformat()))  # datetimes: ISO 8601, UTC
         else:
             click.echo(_job_line(job))
 
@@ -306,7 +330,7 @@ def worker(concurrency: int, loglevel: str, hostname: str | None) -> None:
               help="Precision the review threshold must give on validation [0.995].")
 @click.option("--threshold-confidence", type=click.FloatRange(0.5, 1, max_open=True), default=None,
               help="Confidence level of that precision's lower bound (Clopper-Pearson) [0.9].")
-@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [auto].")
+@click.option("--device", default=None, callback=_check_device, metavar="DEVICE", help=f"{_DEVICE_HELP} [auto].")
 @click.option("--threads", type=click.IntRange(min=0), default=None, help="Torch threads [0 = all cores].")
 @click.option("--amp/--no-amp", default=None,
               help="Mixed-precision training steps: CUDA, or a CPU with native bf16 (AVX512_BF16/AMX) [on].")
@@ -315,7 +339,7 @@ def worker(concurrency: int, loglevel: str, hostname: str | None) -> None:
 @click.option("--no-progress", is_flag=True)
 @_handle_errors
 def train(data_dir: str, out: str, image_size: str | None, grayscale: bool | None, resume: bool, no_progress: bool,
-          **options) -> None:
+          **options: Any) -> None:
     """Check, split, train, calibrate and score a model on DATA_DIR; write the model file and its model card.
 
     DATA_DIR has one sub-folder per category, or train/ and test/ folders of them. With no options the
@@ -373,7 +397,32 @@ def model_info(model: str) -> None:
                    f"{sel.get('precision', float('nan')):.4f}, coverage {sel.get('coverage', 0):.3f}")
 
 
-@main.command()
+class _DefaultGroup(click.Group):
+    """A group that runs its ``default`` command when the first argument names none of its commands, so that
+    ``invsort bench SOURCE ...`` means ``invsort bench run SOURCE ...``."""
+
+    def __init__(self, *args: Any, default: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.default = default
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = [self.default, *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group(cls=_DefaultGroup, default="run")
+def bench() -> None:
+    """Benchmarks: invsort against its peers (run, the default), catalog writes alone (catalog).
+
+    \b
+    Examples:
+      invsort bench examples/images --model bundled:fashion_mnist_cnn --json bench.json
+      invsort bench catalog postgresql://postgres@127.0.0.1/test --rows 100000 --batch-size 64 --batch-size 256
+    """
+
+
+@bench.command("run")
 @click.argument("source")
 @click.option("--model", "model", default=None, help="Model file: path or bundled:NAME [default: INVSORT_MODEL_PATH, "
               "else the bundled Fashion-MNIST model].")
@@ -395,16 +444,17 @@ def model_info(model: str) -> None:
 @click.option("--upserts", "upsert_rows", type=click.IntRange(min=0), default=0,
               help="Also time catalog upserts alone with this many rows on each database (0: no).")
 @_handle_errors
-def bench(source: str, model: str | None, limit: int | None, batch_size: int, json_path: str | None,
-          db_urls: tuple[str, ...], peers: tuple[str, ...], threads: int, ray_config: str | None,
-          ray_tune_images: int, upsert_rows: int) -> None:
+def bench_run(source: str, model: str | None, limit: int | None, batch_size: int, json_path: str | None,
+              db_urls: tuple[str, ...], peers: tuple[str, ...], threads: int, ray_config: str | None,
+              ray_tune_images: int, upsert_rows: int) -> None:
     """Measure invsort against its peers on the same images, model and machine; print a table.
 
     Peers, each in its own process: model_only (forward passes on a batch in memory: the ceiling),
     decode_only (read + OpenCV decode + normalise, threaded), naive (PIL + torchvision, one image at a time),
     ray (Ray Data with an actor pool, layout tuned first; needs pip install -e '.[bench]') and invsort
     (the embedded pipeline writing a fresh catalog). images/s counts from the first image to the last
-    result; imports, model load and Ray start-up are reported apart as setup.
+    result; imports, model load and Ray start-up are reported apart as setup. 'invsort bench SOURCE' is
+    short for 'invsort bench run SOURCE'.
 
     \b
     Example:
@@ -426,6 +476,37 @@ def bench(source: str, model: str | None, limit: int | None, batch_size: int, js
     failed = [name for name, r in report["peers"].items() if r.get("status") == "error"]
     if failed:
         raise click.ClickException(f"peer(s) failed: {', '.join(failed)} (reasons in the table above)")
+
+
+@bench.command("catalog")
+@click.argument("url")
+@click.option("--rows", type=click.IntRange(min=1), default=100_000, show_default=True, help="Rows per pass.")
+@click.option("--batch-size", "batch_sizes", type=click.IntRange(min=1), multiple=True,
+              help="Rows per upsert call, one committed transaction each; repeatable [default: 256].")
+@_handle_errors
+def bench_catalog(url: str, rows: int, batch_sizes: tuple[int, ...]) -> None:
+    """Measure catalog upserts alone (rows/s) on the database at URL; print one JSON line per batch size.
+
+    Works in a scratch schema (PostgreSQL) or a scratch file next to it (SQLite), removed afterwards: the
+    tables at URL are never read or written.
+
+    \b
+    Example:
+      invsort bench catalog postgresql://postgres@127.0.0.1/test --rows 100000 --batch-size 64 --batch-size 256
+    """
+    from pipeline.bench.catalog import bench_upserts
+
+    for batch_size in batch_sizes or (256,):
+        click.echo(json.dumps(bench_upserts(url, rows=rows, batch_size=batch_size)))
+
+
+@bench.command("peer", hidden=True)
+def bench_peer() -> None:
+    """One benchmark peer in this process (started by 'invsort bench run'): its spec as JSON on standard input,
+    its result as one line on standard output."""
+    from pipeline.bench.peers import serve_peer
+
+    serve_peer(sys.stdin, sys.stdout)
 
 
 @main.group()
@@ -538,8 +619,8 @@ def data_check(data_dir: str, manifest: str | None, val_fraction: float, test_fr
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Report folder to write.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
               help="Images per forward pass.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
-              help="Where inference runs.")
+@click.option("--device", default="cpu", show_default=True, callback=_check_device, metavar="DEVICE",
+              help=f"{_DEVICE_HELP}.")
 @_handle_errors
 def evaluate(model: str, data_dir: str, out_dir: str, batch_size: int, device: str) -> None:
     """Evaluate MODEL on DATA_DIR (one sub-folder per category, named as the model's classes).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init
 from sqlalchemy.exc import OperationalError
@@ -36,7 +37,7 @@ def _after_fork(**_: object) -> None:
     retry_backoff_max=300,
     max_retries=8,
 )
-def sort_batch_task(self, job_id: str, batch_no: int, items: list[list[str]], model: str) -> dict[str, int]:
+def sort_batch_task(self: Task, job_id: str, batch_no: int, items: list[list[str]], model: str) -> dict[str, int]:
     """Sort one image batch of job ``job_id``: ``items`` is ``[[item_id, image_uri], ...]``.
 
     Returns the batch's counts by status (also written to ``sorting_jobs``).

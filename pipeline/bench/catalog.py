@@ -1,14 +1,12 @@
 """How fast the catalog takes results: :func:`db.catalog.upsert_items` measured alone, without images or a model.
 
-Run it on the database the workers write to (``python -m pipeline.bench.catalog URL --rows 100000``): it works
+Run it on the database the workers write to (``invsort bench catalog URL --rows 100000``): it works
 in a scratch schema (PostgreSQL) or a scratch file (SQLite) that it removes afterwards, so the user's tables are
 never read or written.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import tempfile
 import time
@@ -27,6 +25,7 @@ from db.models import CatalogItem
 from db.session import dispose_engines, get_engine, safe_url, session_scope, sqlite_path
 from pipeline.errors import ConfigError, InvsortError
 from pipeline.records import ItemResult
+from pipeline.settings import normalise_database_url
 
 __all__ = ["bench_upserts", "make_rows"]
 
@@ -87,8 +86,12 @@ def scratch_database(url: str) -> Iterator[str]:
     PostgreSQL: a new schema ``invsort_bench_<hex>`` in the same database, used through ``search_path``, then
     dropped with everything in it. SQLite: a file in a new temporary directory (beside the given file, so the
     same disk is measured), then deleted.
+
+    Raises:
+        ConfigError: ``url`` is neither SQLite nor PostgreSQL.
+        sqlalchemy.exc.OperationalError: the database cannot be reached.
     """
-    u = make_url(url)
+    u = make_url(normalise_database_url(url))
     backend = u.get_backend_name()
     if backend == "sqlite":
         path = sqlite_path(u)
@@ -165,7 +168,7 @@ def bench_upserts(url: str, *, rows: int = 100_000, batch_size: int = 256) -> di
     if stored != rows or stale:
         raise InvsortError(f"benchmark table holds {stored} rows ({stale} not re-upserted), expected {rows}")
     return {
-        "backend": make_url(url).get_backend_name(),
+        "backend": make_url(normalise_database_url(url)).get_backend_name(),
         "rows": rows,
         "batch_size": batch_size,
         "fresh_s": round(fresh_s, 4),
@@ -173,23 +176,3 @@ def bench_upserts(url: str, *, rows: int = 100_000, batch_size: int = 256) -> di
         "reupsert_s": round(reupsert_s, 4),
         "reupsert_rows_per_s": round(rows / reupsert_s),
     }
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m pipeline.bench.catalog URL [--rows N] [--batch-size B ...]``: one JSON line per batch size."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.bench.catalog",
-        description="Measure catalog upserts (rows/s) in a scratch schema or file next to URL's database.",
-        epilog="example: python -m pipeline.bench.catalog postgresql://postgres@127.0.0.1/test "
-        "--rows 100000 --batch-size 64 256 512",
-    )
-    parser.add_argument("url", help="SQLAlchemy URL of a PostgreSQL database or SQLite file")
-    parser.add_argument("--rows", type=int, default=100_000, help="rows per pass (default 100000)")
-    parser.add_argument("--batch-size", type=int, nargs="+", default=[256], help="rows per upsert call")
-    args = parser.parse_args(argv)
-    for batch_size in args.batch_size:
-        print(json.dumps(bench_upserts(args.url, rows=args.rows, batch_size=batch_size)), flush=True)
-
-
-if __name__ == "__main__":
-    main()

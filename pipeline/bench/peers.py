@@ -22,16 +22,16 @@ Timing: images/s = images / seconds from the first image to the last result. Imp
 results reaching the consumer (the first one counted from the first image), so for the pipelined peers it
 is the steady-state time per batch, not the time one batch spends in flight.
 
-Run it with ``invsort bench SOURCE --model M`` (see ``invsort bench --help``). A peer process is
-``python -m pipeline.bench.peers --peer`` with its spec as JSON on standard input.
+Run it with ``invsort bench SOURCE --model M`` (see ``invsort bench run --help``). A peer process is
+``python -m worker.cli bench peer`` (:data:`PEER_COMMAND`, a hidden command of the CLI that calls
+:func:`serve_peer`) with its spec as JSON on standard input.
 
-This module imports only the standard library and light invsort modules at import time; torch, PIL, Ray and
-the database layer are imported by the peers that use them.
+This module imports only the standard library, psutil and light invsort modules at import time; numpy, torch,
+PIL, Ray and the database layer are imported by the functions that use them.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -49,13 +49,17 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+
+import psutil
 
 from pipeline.errors import ConfigError, InvsortError, SourceError
 from pipeline.io.storage import iter_source, local_path, make_reader
 from pipeline.records import Item
+from pipeline.settings import Settings
 
-__all__ = ["PEERS", "RayConfig", "format_table", "main", "parse_ray_config", "ray_candidates", "run_bench"]
+__all__ = ["PEERS", "PEER_COMMAND", "RayConfig", "format_table", "parse_ray_config", "ray_candidates", "run_bench",
+           "serve_peer"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,9 @@ TIMING = (
     "for ray, the largest sampled sum over the driver and all its descendant processes (GCS, raylet, workers)."
 )
 PEER_TIMEOUT_S = 2 * 3600
+# A peer's process: the CLI's hidden 'invsort bench peer', which calls serve_peer. Started with this interpreter
+# and this checkout on PYTHONPATH, so it runs the same code as the driver, installed or not.
+PEER_COMMAND = (sys.executable, "-m", "worker.cli", "bench", "peer")
 _RESULT_PREFIX = "INVSORT_BENCH_RESULT "
 _RSS_SAMPLE_S = 0.2
 _RAY_MISSING = "ray is not installed: pip install -e '.[bench]'"
@@ -160,13 +167,13 @@ def ray_candidates(cpu_count: int, batch_size: int) -> list[RayConfig]:
 # ------------------------------------------------------------------------------------------- figures
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile ``q`` (0..100) of non-empty ``values``."""
-    s = sorted(values)
-    pos = (len(s) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+def _percentiles_ms(values: Sequence[float]) -> tuple[float, float]:
+    """The 50th and 95th percentiles (linear interpolation, :func:`numpy.percentile`) of non-empty ``values``,
+    rounded to 0.01."""
+    import numpy as np
+
+    p50, p95 = np.percentile(values, [50, 95])
+    return round(float(p50), 2), round(float(p95), 2)
 
 
 def _figures(images: int, start: float, arrivals: Sequence[float]) -> dict[str, Any]:
@@ -175,13 +182,14 @@ def _figures(images: int, start: float, arrivals: Sequence[float]) -> dict[str, 
         raise InvsortError("the peer produced no results")
     seconds = arrivals[-1] - start
     gaps = [(b - a) * 1000.0 for a, b in zip([start, *arrivals[:-1]], arrivals, strict=True)]
+    p50, p95 = _percentiles_ms(gaps)
     return {
         "images": images,
         "seconds": round(seconds, 4),
         "images_per_s": round(images / seconds, 2) if seconds > 0 else None,
         "batches": len(arrivals),
-        "batch_ms_p50": round(_percentile(gaps, 50), 2),
-        "batch_ms_p95": round(_percentile(gaps, 95), 2),
+        "batch_ms_p50": p50,
+        "batch_ms_p95": p95,
     }
 
 
@@ -192,80 +200,49 @@ def _maxrss_mib() -> float:
 
 
 class _TreeMemory(threading.Thread):
-    """Samples the summed RSS and PSS of this process and all its descendants (Linux ``/proc``).
+    """Samples the summed RSS and PSS of this process and all its descendants (psutil).
 
     For the Ray peer, whose work happens in processes that the driver starts (GCS, raylet, workers): the
     sum counts pages shared between processes (libraries, the object store) once per process for RSS and
-    proportionally for PSS.
+    proportionally for PSS (PSS where the platform has it, Linux; else 0).
     """
 
     def __init__(self, interval_s: float = _RSS_SAMPLE_S):
         super().__init__(name="invsort-bench-rss", daemon=True)
         self.interval_s = interval_s
-        self.peak_rss_kib = 0
-        self.peak_pss_kib = 0
+        self.peak_rss = 0  # bytes
+        self.peak_pss = 0  # bytes
         self.max_processes = 0
         self._done = threading.Event()
 
     def run(self) -> None:
-        pids = [os.getpid()]
+        me = psutil.Process()
+        processes = [me]
         tick = 0
         while not self._done.is_set():
-            if tick % 5 == 0:  # the process tree changes slowly; walking /proc costs more than reading 10 files
-                pids = _descendants(os.getpid())
+            if tick % 5 == 0:  # the process tree changes slowly; listing it costs more than sampling it
+                with contextlib.suppress(psutil.Error):
+                    processes = [me, *me.children(recursive=True)]
             tick += 1
             rss = pss = 0
-            for pid in pids:
-                r, p = _rss_pss_kib(pid)
-                rss, pss = rss + r, pss + p
-            self.peak_rss_kib = max(self.peak_rss_kib, rss)
-            self.peak_pss_kib = max(self.peak_pss_kib, pss)
-            self.max_processes = max(self.max_processes, len(pids))
+            for process in processes:
+                try:
+                    memory = process.memory_full_info()
+                except psutil.Error:  # it exited, or it is not ours to read
+                    continue
+                rss += memory.rss
+                pss += getattr(memory, "pss", 0)
+            self.peak_rss = max(self.peak_rss, rss)
+            self.peak_pss = max(self.peak_pss, pss)
+            self.max_processes = max(self.max_processes, len(processes))
             self._done.wait(self.interval_s)
 
     def stop(self) -> dict[str, Any]:
+        """Stop sampling: ``{"peak_rss_mib", "peak_pss_mib", "processes"}`` (MiB, and the most processes seen)."""
         self._done.set()
         self.join()
-        return {"peak_rss_mib": round(self.peak_rss_kib / 1024, 1), "peak_pss_mib": round(self.peak_pss_kib / 1024, 1),
+        return {"peak_rss_mib": round(self.peak_rss / 2**20, 1), "peak_pss_mib": round(self.peak_pss / 2**20, 1),
                 "processes": self.max_processes}
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return [root]
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rfind(b")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, ()))
-    return out
-
-
-def _rss_pss_kib(pid: int) -> tuple[int, int]:
-    rss = pss = 0
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
-            for line in f:
-                if line.startswith(b"Rss:"):
-                    rss = int(line.split()[1])
-                elif line.startswith(b"Pss:"):
-                    pss = int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return rss, pss
 
 
 # --------------------------------------------------------------------------------------------- peers
@@ -284,7 +261,7 @@ def _items(spec: dict[str, Any]) -> list[Item]:
     return list(islice(iter_source(spec["source"], reader), spec["images"]))
 
 
-def _peer_settings(spec: dict[str, Any], **overrides: Any):
+def _peer_settings(spec: dict[str, Any], **overrides: Any) -> Settings:
     from pipeline.settings import build_settings
 
     return build_settings(batch_size=spec["batch_size"], device="cpu", **overrides)
@@ -450,7 +427,7 @@ def peer_ray(spec: dict[str, Any]) -> dict[str, Any]:
     Ray started here with ``num_cpus = os.cpu_count()``, bound to 127.0.0.1, without the dashboard."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray workers inherit the environment: make sure they import this checkout's pipeline package.
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])  # the checkout: pipeline/bench/peers.py -> ./
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     import ray
     import ray.data
@@ -491,11 +468,11 @@ def peer_ray(spec: dict[str, Any]) -> dict[str, Any]:
     start = min(firsts) if firsts else executed
     result = _figures(images, start, arrivals)
     result["setup_s_in_execution"] = round(start - executed, 3)
+    actor_p50, actor_p95 = _percentiles_ms(udf_ms) if udf_ms else (None, None)
     return {**result, "failed": failed, "model": _model_info(mf),
             "config": {**dataclasses.asdict(cfg), "label": cfg.label(), "ray": ray.__version__,
                        "num_cpus": os.cpu_count(), "runtime": settings.runtime,
-                       "actor_batch_ms_p50": round(_percentile(udf_ms, 50), 2) if udf_ms else None,
-                       "actor_batch_ms_p95": round(_percentile(udf_ms, 95), 2) if udf_ms else None}}
+                       "actor_batch_ms_p50": actor_p50, "actor_batch_ms_p95": actor_p95}}
 
 
 @contextlib.contextmanager
@@ -619,11 +596,11 @@ def _list_source(source: str, limit: int | None) -> tuple[list[Item], int]:
 
 def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
     """Run :func:`run_peer` in a fresh interpreter; a failure becomes ``{"status": "error", "reason"}``."""
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])  # the checkout: pipeline/bench/peers.py -> ./
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     began = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-m", "pipeline.bench.peers", "--peer"], input=json.dumps(spec),
+        proc = subprocess.run(PEER_COMMAND, input=json.dumps(spec),
                               capture_output=True, text=True, env=env, timeout=PEER_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
         return {"status": "error", "reason": f"timed out after {PEER_TIMEOUT_S} s"}
@@ -879,18 +856,15 @@ def _describe(cfg: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- main
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Peer process: ``python -m pipeline.bench.peers --peer`` reads a spec (JSON) on stdin and prints its result."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.peers",
-                                     description="One benchmark peer (used by 'invsort bench'); spec as JSON on stdin.")
-    parser.add_argument("--peer", action="store_true", required=True, help="run the peer described on stdin")
-    parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    spec = json.load(sys.stdin)
-    result = run_peer(spec)
-    sys.stdout.write(_RESULT_PREFIX + json.dumps(result) + "\n")
-    sys.stdout.flush()
+def serve_peer(stdin: TextIO, stdout: TextIO) -> None:
+    """The body of a peer process (``invsort bench peer``): read a spec (JSON, see :func:`run_peer`) from
+    ``stdin``, run the peer, write its result to ``stdout`` as one line after a marker, flushed. Returns None.
 
-
-if __name__ == "__main__":
-    main()
+    Raises:
+        json.JSONDecodeError: ``stdin`` is not JSON.
+        KeyError: the spec lacks a field or names an unknown peer.
+        Exception: whatever the peer raised (the driver reports the traceback's tail as the peer's error).
+    """
+    result = run_peer(json.load(stdin))
+    stdout.write(_RESULT_PREFIX + json.dumps(result) + "\n")
+    stdout.flush()

@@ -37,6 +37,7 @@ from pipeline.io.images import batch_decodable_jpeg, decode_image, decode_jpeg_b
 from pipeline.models.modelfile import ModelFile
 from pipeline.models.runtimes import RuntimeSession, check_runtime_name, load_session
 from pipeline.records import Item, ItemResult
+from pipeline.settings import check_device
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +48,26 @@ CUDA_INFLIGHT_BATCHES = 2
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda when available else cpu; ``cpu``; ``cuda`` (error when absent).
+    """``auto`` → cuda when available else cpu; ``cpu``; ``cuda`` or ``cuda:N`` (GPU N, 0 first), refused when absent.
 
     Raises:
-        ConfigError: unknown name, or ``cuda`` asked for on a machine without a usable GPU.
+        ConfigError: a name :func:`pipeline.settings.check_device` refuses, or ``cuda``/``cuda:N`` asked for where
+            there is no usable GPU, or no GPU N (the message says how many there are).
     """
+    check_device(name, what="device")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("INVSORT_DEVICE=cuda but no CUDA GPU is available; use auto or cpu")
-        return torch.device("cuda")
-    raise ConfigError(f"unknown device {name!r}; valid: auto, cpu, cuda")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {name} asked for, but no CUDA GPU is available here; use auto or cpu")
+    device = torch.device(name)
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ConfigError(
+            f"device {name} asked for, but this machine has {count} CUDA GPU(s): cuda:0..cuda:{count - 1}"
+        )
+    return device
 
 
 def resolve_decode_backend(gpu_decode: str, device: torch.device) -> str:
@@ -132,9 +139,9 @@ class Predictor:
         self.model_file = model_file
         self.runtime = check_runtime_name(runtime)
         if runtime != "torch":
-            if device == "cuda":
+            if device.startswith("cuda"):
                 raise ConfigError(
-                    f"INVSORT_RUNTIME={runtime} runs on the CPU; with INVSORT_DEVICE=cuda use INVSORT_RUNTIME=torch"
+                    f"INVSORT_RUNTIME={runtime} runs on the CPU; with INVSORT_DEVICE={device} use INVSORT_RUNTIME=torch"
                 )
             if torch_compile:
                 raise ConfigError(

@@ -16,14 +16,17 @@ import io
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from pipeline.errors import ModelFileError
+from pipeline.errors import ConfigError, ModelFileError
 from pipeline.io.files import atomic_path
-from pipeline.models.registry import create_model
+from pipeline.models.registry import arch_spec, create_model
+
+if TYPE_CHECKING:
+    from pipeline.io.storage import ObjectReader
 
 FORMAT = "invsort-model/1"
 BUNDLED_PREFIX = "bundled:"
@@ -119,14 +122,50 @@ def resolve_model_path(spec: str) -> str:
     return spec
 
 
-def load_model_file(spec: str, *, reader=None) -> ModelFile:
+def _check_weights(mf: ModelFile, what: str) -> None:
+    """Refuse weights that do not fit ``mf``'s architecture, class count and channels, in one line.
+
+    The architecture is built on PyTorch's ``meta`` device (shapes only, no memory, no initialisation) and its
+    tensor names and shapes are compared with the file's.
+
+    Raises:
+        ModelFileError: unknown architecture or channel count, a class count that the classifier's outputs do
+            not match, or missing, unexpected or misshapen tensors; the message starts with ``what``.
+    """
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in create_model(
+                mf.arch, num_classes=mf.num_classes, in_chans=mf.in_chans).state_dict().items()}
+    except ConfigError as exc:
+        raise ModelFileError(f"{what}: {exc}") from None
+    got = {k: tuple(v.shape) for k, v in mf.state_dict.items()}
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    wrong = [k for k in expected if k in got and got[k] != expected[k]]
+    head = arch_spec(mf.arch).classifier_prefixes
+    if wrong and not missing and not unexpected and all(
+        k.startswith(head) and expected[k][0] == mf.num_classes != got[k][0] for k in wrong
+    ):
+        raise ModelFileError(f"{what}: {mf.num_classes} class names but the classifier has {got[wrong[0]][0]} outputs")
+    if missing or unexpected or wrong:
+        problems = [f"{k} is {got[k]}, {mf.arch} needs {expected[k]}" for k in wrong[:2]]
+        if missing:
+            problems.append(f"{len(missing)} missing tensor(s), e.g. {missing[0]}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]}")
+        raise ModelFileError(f"{what}: the weights do not fit {mf.arch} with {mf.in_chans} channel(s) and "
+                             f"{mf.num_classes} classes: " + "; ".join(problems))
+
+
+def load_model_file(spec: str, *, reader: ObjectReader | None = None) -> ModelFile:
     """Load a model file from a local path, an ``s3://`` URI or ``bundled:NAME``.
 
     Uses ``torch.load(..., weights_only=True)``: a file cannot run code when it is loaded.
 
     Raises:
         FileNotFoundError: no such file or object.
-        ModelFileError: the file is not an invsort model file, or its fields do not fit together.
+        ModelFileError: the file is not an invsort model file, or its fields do not fit together (e.g. its class
+            names are not as many as the classifier's outputs, or its architecture is unknown); one line.
     """
     path = resolve_model_path(spec)
     if path.startswith("s3://"):
@@ -169,5 +208,6 @@ def load_model_file(spec: str, *, reader=None) -> ModelFile:
         raise ModelFileError(f"{spec}: mean/std have {len(mf.mean)} values for {mf.in_chans} channels")
     if len(set(mf.class_names)) != len(mf.class_names) or len(mf.class_names) < 2:
         raise ModelFileError(f"{spec}: class names must be at least 2 and distinct")
+    _check_weights(mf, f"model file {spec}")
     mf.name = spec if spec.startswith(BUNDLED_PREFIX) else f"{mf.arch}:{Path(path).stem}"
     return mf

@@ -12,12 +12,16 @@ import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torchvision.models as tvm
 from torch import nn
 
 from pipeline.errors import ConfigError, ModelFileError
+
+if TYPE_CHECKING:
+    from pipeline.io.storage import ObjectReader
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +167,7 @@ def arch_spec(name: str) -> ArchSpec:
 
 
 def create_model(
-    name: str, *, num_classes: int, in_chans: int = 3, weights: str | None = None, reader=None
+    name: str, *, num_classes: int, in_chans: int = 3, weights: str | None = None, reader: ObjectReader | None = None
 ) -> nn.Module:
     """Build architecture ``name`` with a fresh ``num_classes``-way classifier.
 
@@ -207,7 +211,7 @@ def create_model(
     return model
 
 
-def load_state_dict(path_or_uri: str, *, reader=None) -> dict[str, torch.Tensor]:
+def load_state_dict(path_or_uri: str, *, reader: ObjectReader | None = None) -> dict[str, torch.Tensor]:
     """Load a plain ``{name: tensor}`` state dict with ``torch.load(..., weights_only=True)``.
 
     Raises:
@@ -219,8 +223,7 @@ def load_state_dict(path_or_uri: str, *, reader=None) -> dict[str, torch.Tensor]
             from pipeline.io.storage import make_reader
 
             reader = make_reader()
-        data = io.BytesIO(reader.read(path_or_uri))
-        source: object = data
+        source: str | io.BytesIO = io.BytesIO(reader.read(path_or_uri))
     else:
         source = path_or_uri
     try:

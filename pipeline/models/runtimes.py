@@ -159,7 +159,7 @@ def export_onnx(model_file: ModelFile, path: str | Path, *, runtime: str = "onnx
             f"to ONNX: {type(exc).__name__}: {exc}"[:800] + "; use INVSORT_RUNTIME=torch"
         ) from None
     log.info("exported %s (%s) to %s in %.1f s", model_file.name, model_file.arch, path, time.perf_counter() - start)
-    return path
+    return Path(path)
 
 
 class OnnxRuntimeSession(RuntimeSession):

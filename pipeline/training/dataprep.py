@@ -1,8 +1,8 @@
 """Checking a photo set before training: bad files, exact and near duplicates, label conflicts, and a leak-free split.
 
-Every image is read once: its bytes are hashed with SHA-256 (exact duplicates), decoded with the worker's own
-:func:`pipeline.io.images.decode_image` at its native size (bad files are excluded with their reason), and reduced to
-two small fingerprints:
+Every image is read once (:func:`pipeline.io.folders.read_image`, the loader training and evaluation use): its bytes
+are hashed with SHA-256 (exact duplicates), decoded with the worker's own :func:`pipeline.io.images.decode_image` at
+its native size (bad files are excluded with their reason), and reduced to two small fingerprints:
 
 - a 256-bit perceptual hash, ImageHash's ``phash`` with ``hash_size=16`` (a DCT-based hash: 64x64 grayscale, the
   top-left 16x16 DCT coefficients compared with their median; Zauner 2010, "Implementation and Benchmarking of
@@ -16,8 +16,9 @@ confirmed when the thumbnails agree in colour pixel by pixel (:func:`thumbnails_
 enough on catalogue photos: on the footwear set (11,946 white-background shots) the 64-bit hash put different
 products at distance 0-2, and even at 10-20 of 256 bits the pairs are the same model in another colour, which a
 grayscale hash cannot see; the thumbnail check rejects them. Confirmed pairs (and byte-identical files) are grouped
-with union-find and :func:`grouped_split` keeps every group inside one split, so no pair of near duplicates spans
-two splits and no copy of a training image ends up in validation or test.
+as the connected components of the graph they form (:func:`connected_groups`, SciPy's ``connected_components``)
+and :func:`grouped_split` keeps every group inside one split, so no pair of near duplicates spans two splits and
+no copy of a training image ends up in validation or test.
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from pipeline.errors import ConfigError, ImageError, SourceError
 from pipeline.io.files import atomic_write_bytes, sha256_file
-from pipeline.io.folders import scan_folder
-from pipeline.io.images import decode_image
+from pipeline.io.folders import read_image, scan_folder
+from pipeline.progress import progress as progress_display
 
 log = logging.getLogger(__name__)
 
@@ -116,29 +119,25 @@ class DatasetReport:
         return any(r.given_split == "test" for r in self.images)
 
 
-class _UnionFind:
-    def __init__(self, n: int) -> None:
-        self.parent = np.arange(n)
+def connected_groups(n: int, pairs: np.ndarray) -> list[list[int]]:
+    """The connected components with two or more nodes of the undirected graph on nodes ``0..n-1``.
 
-    def find(self, i: int) -> int:
-        p = self.parent
-        root = i
-        while p[root] != root:
-            root = p[root]
-        while p[i] != root:
-            p[i], i = root, p[i]
-        return int(root)
+    Args:
+        n: number of nodes.
+        pairs: ``(P, 2)`` int edges (any order, repeats allowed).
 
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-    def components(self) -> list[list[int]]:
-        out: dict[int, list[int]] = {}
-        for i in range(len(self.parent)):
-            out.setdefault(self.find(i), []).append(i)
-        return list(out.values())
+    Returns:
+        Each component's nodes in ascending order; components ordered by their smallest node.
+        Computed with :func:`scipy.sparse.csgraph.connected_components`.
+    """
+    if n == 0:
+        return []
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    order = np.argsort(labels, kind="stable")  # nodes by component, ascending within each
+    parts = np.split(order, np.flatnonzero(np.diff(labels[order])) + 1)
+    return sorted((p.tolist() for p in parts if len(p) > 1), key=lambda g: g[0])
 
 
 def _scan(root: Path) -> tuple[list[str], list[tuple[str, str, str | None]]]:
@@ -154,53 +153,33 @@ def _scan(root: Path) -> tuple[list[str], list[tuple[str, str, str | None]]]:
                 f"{root}: train/ and test/ have different categories: only in train/ {only_train}, "
                 f"only in test/ {only_test}"
             )
-        samples = [(p, train_classes[y], "train") for p, y in train_samples]
+        samples: list[tuple[str, str, str | None]] = [(p, train_classes[y], "train") for p, y in train_samples]
         samples += [(p, test_classes[y], "test") for p, y in test_samples]
         return train_classes, samples
     classes, pairs = scan_folder(root)
     return classes, [(p, classes[y], None) for p, y in pairs]
 
 
-def _header_size(data: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` from the file's header (PIL, no pixel decoding), or None when PIL cannot tell."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
-    except Exception:  # decode_image gives the reason
-        return None
-
-
 def _check_one(path: str, min_side_px: int) -> tuple[str, tuple[int, int], bytes, np.ndarray] | str:
-    """``(sha256, (w, h), phash bytes, thumbnail)`` of one file, or the reason it is bad."""
+    """``(sha256, (w, h), phash bytes, thumbnail)`` of one file, or the reason it is bad.
+
+    The file is read and decoded at its own size by :func:`pipeline.io.folders.read_image` (the loader
+    training and evaluation use), RGB."""
     import cv2
     import imagehash
     from PIL import Image
 
     try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        return f"unreadable: {exc}"
-    digest = hashlib.sha256(data).hexdigest()
-    size = _header_size(data)
-    try:
-        h_w = (size[1], size[0]) if size else (max(min_side_px, 8), max(min_side_px, 8))
-        pixels = decode_image(data, size=h_w, in_chans=3)
+        data, pixels = read_image(path, size=None, in_chans=3)
     except ImageError as exc:
         return str(exc)
-    except Exception as exc:  # any other decoder failure is a bad file too, never a crash
-        return f"not a decodable image: {exc}"[:300]
-    if size is None:
-        return "image header unreadable (PIL cannot identify it)"
-    w, h = size
+    h, w = pixels.shape[:2]
     if min(w, h) < min_side_px:
         return f"too small: {w}x{h} px (need at least {min_side_px} px a side)"
     ph = imagehash.phash(Image.fromarray(pixels), hash_size=PHASH_SIZE)
     bits = np.asarray(ph.hash, dtype=bool).ravel()
     thumb = cv2.resize(pixels, (THUMB_PX, THUMB_PX), interpolation=cv2.INTER_AREA)
-    return digest, (w, h), np.packbits(bits).tobytes(), thumb
+    return hashlib.sha256(data).hexdigest(), (w, h), np.packbits(bits).tobytes(), thumb
 
 
 def near_duplicate_pairs(hashes: np.ndarray, max_distance: int, block: int = 512) -> np.ndarray:
@@ -293,7 +272,8 @@ def _confirmed_pairs(words: np.ndarray, thumbs: np.ndarray, max_distance: int, c
 
 
 def check_dataset(
-    root: str | Path, *, min_side_px: int = 32, near_dup_distance: int = 8, threads: int | None = None
+    root: str | Path, *, min_side_px: int = 32, near_dup_distance: int = 8, threads: int | None = None,
+    progress: bool = False,
 ) -> DatasetReport:
     """Check every image of a photo set.
 
@@ -308,6 +288,7 @@ def check_dataset(
             with identical hashes. Near-duplicate groups of more than :data:`LARGE_GROUP` images are logged as a
             warning (and kept whole).
         threads: reader/decoder threads [default: the CPU count, at most 8].
+        progress: show progress (:func:`pipeline.progress.progress`: a bar on a terminal, log lines elsewhere).
 
     Returns:
         A :class:`DatasetReport`.
@@ -326,54 +307,8 @@ def check_dataset(
         raise ConfigError(f"min_side_px must be at least 1, got {min_side_px}")
     root = Path(root)
     classes, samples = _scan(root)
-    threads = threads or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(threads) as pool:
-        results = list(pool.map(lambda s: _check_one(s[0], min_side_px), samples, chunksize=32))
-
-    bad: list[tuple[str, str]] = []
-    images: list[ImageRecord] = []
-    phashes: list[bytes] = []
-    thumbs: list[np.ndarray] = []
-    for (path, cls, split), res in zip(samples, results, strict=True):
-        if isinstance(res, str):
-            bad.append((path, res))
-        else:
-            images.append(ImageRecord(path, cls, split, res[0], res[1], int.from_bytes(res[2], "big")))
-            phashes.append(res[2])
-            thumbs.append(res[3])
-
-    n = len(images)
-    uf = _UnionFind(n)
-    by_sha: dict[str, list[int]] = {}
-    for i, r in enumerate(images):
-        by_sha.setdefault(r.sha256, []).append(i)
-    exact = [idx for idx in by_sha.values() if len(idx) > 1]
-    for idx in exact:
-        for k in idx[1:]:
-            uf.union(idx[0], k)
-
-    # near duplicates among distinct contents (one representative per SHA-256)
-    reps = [idx[0] for idx in by_sha.values()]
-    near_uf = _UnionFind(len(reps))
-    if reps:
-        words = np.frombuffer(b"".join(phashes[i] for i in reps), dtype=">u8").reshape(len(reps), -1)
-        rep_thumbs = np.stack([thumbs[i] for i in reps])
-        max_bits = near_dup_distance * PHASH_BITS // 64
-        for a, b in _confirmed_pairs(words.astype(np.uint64), rep_thumbs, max_bits).tolist():
-            near_uf.union(a, b)
-            uf.union(reps[a], reps[b])
-    near: list[list[str]] = []
-    for comp in near_uf.components():
-        if len(comp) > 1:
-            members = [i for c in comp for i in by_sha[images[reps[c]].sha256]]
-            near.append(sorted(images[i].path for i in members))
-            if len(members) > LARGE_GROUP:
-                # union-find chains pairs; a group this large is rarely one photo, but splitting it could put a
-                # confirmed pair in two splits, so it is kept whole and reported
-                log.warning("near-duplicate group of %d images (kept in one split; look at it): %s, ...",
-                            len(members), ", ".join(near[-1][:5]))
-
-    groups = [sorted(c) for c in uf.components() if len(c) > 1]
+    images, bad, phashes, thumbs = _read_all(samples, min_side_px, threads, progress)
+    exact, near, groups = _duplicate_groups(images, phashes, thumbs, near_dup_distance * PHASH_BITS // 64)
     conflicts = []
     for g in groups:
         names = sorted({images[i].cls for i in g})
@@ -397,6 +332,60 @@ def check_dataset(
         exact_duplicates=sorted(sorted(images[i].path for i in idx) for idx in exact),
         near_duplicates=sorted(near), conflicts=sorted(conflicts), groups=groups,
     )
+
+
+def _read_all(
+    samples: list[tuple[str, str, str | None]], min_side_px: int, threads: int | None, progress: bool
+) -> tuple[list[ImageRecord], list[tuple[str, str]], list[bytes], list[np.ndarray]]:
+    """:func:`_check_one` of every ``(path, class, given split)`` in a thread pool: the good images' records,
+    ``(path, reason)`` of the bad files, and the good images' packed perceptual hashes and thumbnails."""
+    threads = threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(threads) as pool:
+        checked = pool.map(lambda s: _check_one(s[0], min_side_px), samples, chunksize=32)
+        results = list(progress_display(checked, total=len(samples), desc="check", unit="img", disable=not progress))
+    bad: list[tuple[str, str]] = []
+    images: list[ImageRecord] = []
+    phashes: list[bytes] = []
+    thumbs: list[np.ndarray] = []
+    for (path, cls, split), res in zip(samples, results, strict=True):
+        if isinstance(res, str):
+            bad.append((path, res))
+        else:
+            images.append(ImageRecord(path, cls, split, res[0], res[1], int.from_bytes(res[2], "big")))
+            phashes.append(res[2])
+            thumbs.append(res[3])
+    return images, bad, phashes, thumbs
+
+
+def _duplicate_groups(
+    images: list[ImageRecord], phashes: list[bytes], thumbs: list[np.ndarray], max_bits: int
+) -> tuple[list[list[int]], list[list[str]], list[list[int]]]:
+    """``(exact, near, groups)``: byte-identical index groups, near-duplicate path groups (each sorted, with the
+    byte-identical copies of their members) and every duplicate group (exact and near merged, indices sorted,
+    ordered by smallest index). Near duplicates are looked for among distinct contents (one representative per
+    SHA-256): hashes within ``max_bits`` bits and thumbnails that agree (:func:`_confirmed_pairs`)."""
+    by_sha: dict[str, list[int]] = {}
+    for i, r in enumerate(images):
+        by_sha.setdefault(r.sha256, []).append(i)
+    exact = [idx for idx in by_sha.values() if len(idx) > 1]
+    reps = [idx[0] for idx in by_sha.values()]
+    near_pairs = np.zeros((0, 2), np.int64)
+    if reps:
+        words = np.frombuffer(b"".join(phashes[i] for i in reps), dtype=">u8").reshape(len(reps), -1)
+        near_pairs = _confirmed_pairs(words.astype(np.uint64), np.stack([thumbs[i] for i in reps]), max_bits)
+    near: list[list[str]] = []
+    for comp in connected_groups(len(reps), near_pairs):
+        members = [i for c in comp for i in by_sha[images[reps[c]].sha256]]
+        near.append(sorted(images[i].path for i in members))
+        if len(members) > LARGE_GROUP:
+            # pairs chain into groups; a group this large is rarely one photo, but splitting it could put a
+            # confirmed pair in two splits, so it is kept whole and reported
+            log.warning("near-duplicate group of %d images (kept in one split; look at it): %s, ...",
+                        len(members), ", ".join(near[-1][:5]))
+    rep_index = np.asarray(reps, dtype=np.int64)
+    edges = [np.asarray([(idx[0], k) for idx in exact for k in idx[1:]], np.int64).reshape(-1, 2),
+             rep_index[near_pairs]]
+    return exact, near, connected_groups(len(images), np.concatenate(edges))
 
 
 def grouped_split(

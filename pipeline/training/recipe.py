@@ -16,13 +16,17 @@ One call of :func:`train` does what a catalogue team needs, in this order:
    (:mod:`pipeline.evaluation.calibration`); both go into the model file and the worker obeys them.
 5. **Score** the held-out test split, and write the model file and its model card (``<model>.card.md``).
 
+:func:`train` is a short recipe over these named steps (:func:`check_and_split` or :func:`from_checkpoint`,
+:func:`resolve_recipe`, :func:`load_split_images`, :func:`build_model`, :func:`fit_model`, :func:`calibrate`,
+:func:`score_test_split`); the epoch loop, the learning-rate schedule and early stopping are
+:mod:`pipeline.training.loop`, checkpoints and the files beside the model :mod:`pipeline.training.checkpoints`.
+
 Runs are repeatable on the CPU for a given seed and thread count: the split, the sampling order, every random
 augmentation and dropout are drawn from seeded generators, and a resumed run continues with the saved state.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -39,18 +43,42 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from pipeline.errors import ConfigError, ModelFileError, SourceError
-from pipeline.io.files import atomic_path, sha256_file
-from pipeline.io.folders import load_images
-from pipeline.io.images import MIN_SIDE_PX, to_model_input
+from pipeline.errors import ConfigError, ImageError, ModelFileError, SourceError
+from pipeline.evaluation.calibration import choose_threshold, fit_temperature, selective_scores
+from pipeline.evaluation.report import compute_metrics, expected_calibration_error
+from pipeline.inference.predictor import resolve_device
+from pipeline.io.files import sha256_file
+from pipeline.io.folders import Arrays, load_images, read_image
+from pipeline.io.images import MIN_SIDE_PX
+from pipeline.models.modelcard import write_model_card
 from pipeline.models.modelfile import ModelFile, save_model_file
 from pipeline.models.registry import arch_spec, create_model
+from pipeline.training.checkpoints import checkpoint_dir, load_checkpoint, model_card_path, split_manifest_path
+from pipeline.training.dataprep import (
+    DatasetReport,
+    check_dataset,
+    grouped_split,
+    read_split_manifest,
+    write_split_manifest,
+)
+from pipeline.training.loop import (
+    AugmentedImages,
+    FitPlan,
+    FitState,
+    StepRecipe,
+    class_weights,
+    fit,
+    mixed_precision,
+    param_groups,
+    predict_logits,
+    resume_state,
+    track_validation,
+)
+from pipeline.training.transforms import batch_mixing, train_preset
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "invsort-checkpoint/1"
 BALANCE_MODES = ("auto", "none", "weights", "sampler")
 
 
@@ -186,241 +214,279 @@ def resolve_recipe(cfg_overrides: dict[str, Any], sizes: Sequence[tuple[int, int
     return cfg
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to 0 (Loshchilov & Hutter, SGDR)."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * t))
+@dataclass
+class PreparedData:
+    """A run's data after the check and split, or as its checkpoint recorded them.
 
-
-def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
-    """``n / (K * n_c)`` per class, the "balanced" heuristic of King & Zeng 2001 (scikit-learn's ``balanced``).
-
-    Returns ``(K,)`` float32; a class without samples gets weight 0.
+    Attributes:
+        cfg: the full recipe.
+        class_names: category names, index order.
+        split: ``{"train" | "val" | "test": [(path, class)]}``.
+        summary: the data summary kept in checkpoints and the model file's ``info["data"]``.
+        checkpoint: ``last.pt``'s contents when resuming, else None.
     """
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    w = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
-    return torch.tensor(w, dtype=torch.float32)
+
+    cfg: TrainConfig
+    class_names: list[str]
+    split: dict[str, list[tuple[str, str]]]
+    summary: dict[str, Any]
+    checkpoint: dict | None = None
 
 
-@torch.inference_mode()
-def predict_logits(
-    model: nn.Module, images: np.ndarray, mean: torch.Tensor, std: torch.Tensor, *, batch_size: int = 256,
-    device: torch.device | None = None,
-) -> torch.Tensor:
-    """Logits ``(N, num_classes)`` float32 on the CPU for uint8 ``(N, H, W, C)`` images (model put in eval mode).
+@dataclass(frozen=True)
+class ModelInputs:
+    """The model's input: ``size`` ``(H, W)`` px and per-channel ``mean``/``std`` in 0..1 units."""
 
-    ``mean`` and ``std`` are ``(1, C, 1, 1)`` float32 in 0..1 units; the normalisation is the worker's
-    :func:`pipeline.io.images.to_model_input`.
-    """
-    device = device or torch.device("cpu")
-    model.eval()
-    out = []
-    for i in range(0, len(images), batch_size):
-        batch = torch.from_numpy(images[i : i + batch_size]).to(device)
-        x = to_model_input(batch, mean.to(device), std.to(device))
-        out.append(model(x).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+    size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> ModelInputs:
+        """The architecture's normalisation (its first channel's for a 1-channel model) at ``cfg.image_size``."""
+        spec = arch_spec(cfg.arch)
+        size = tuple(cfg.image_size or spec.input_size)
+        mean = spec.mean if cfg.in_chans == len(spec.mean) else (spec.mean[0],) * cfg.in_chans
+        std = spec.std if cfg.in_chans == len(spec.std) else (spec.std[0],) * cfg.in_chans
+        return cls((int(size[0]), int(size[1])), tuple(mean), tuple(std))
 
-class _Augmented(torch.utils.data.Dataset):
-    """In-memory uint8 ``(N, H, W, C)`` images → ``(train_preset(image), label)``."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        img = torch.from_numpy(self.images[i]).permute(2, 0, 1)
-        return self.transform(img), int(self.labels[i])
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)`` as ``(1, C, 1, 1)`` float32."""
+        return (torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1),
+                torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1))
 
 
-def _loader_worker_init(_: int) -> None:
-    torch.set_num_threads(1)
-
-
-def epoch_order(labels: np.ndarray, *, sampler: bool, seed: int, epoch: int) -> list[int]:
-    """The sample order of one epoch: a seeded permutation, or with ``sampler`` a class-balanced draw with
-    replacement (every class equally likely, ``N`` draws). Depends only on ``(seed, epoch)``, so a resumed run
-    sees the same order."""
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    if not sampler:
-        return torch.randperm(len(labels), generator=gen).tolist()
-    counts = np.bincount(labels)
-    w = torch.tensor(1.0 / counts[labels], dtype=torch.float64)
-    return torch.multinomial(w, len(labels), replacement=True, generator=gen).tolist()
-
-
-def train_one_epoch(
-    model: nn.Module, opt: torch.optim.Optimizer, batches, *, step: int, total_steps: int, warmup_steps: int,
-    cfg: TrainConfig, loss_weight: torch.Tensor | None, mixing: Callable | None, device: torch.device,
-    scaler: torch.amp.GradScaler | None, amp_dtype: torch.dtype | None, desc: str, progress: bool,
-) -> tuple[dict[str, float], int]:
-    """One pass over ``batches`` of ``(x (N, C, H, W) float32, y (N,) int64)``.
-
-    Returns ``({"train_loss", "train_acc", "lr", "images_per_s", "seconds"}, the next global step)``.
-    Training accuracy is against the hard labels (with mixup/cutmix, against the dominant one).
-    """
-    model.train()
-    if cfg.freeze_backbone:  # frozen BatchNorm layers keep their ImageNet statistics
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.weight.requires_grad:
-                m.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-    bar = tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)
-    lr = cfg.lr
-    for x, y in bar:
-        if len(y) < 2:
-            continue  # BatchNorm needs two samples
-        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        y = y.to(device, non_blocking=True)
-        target = y
-        if mixing is not None:
-            x, target = mixing(x, y)
-        lr = lr_at(step, total_steps, warmup_steps, cfg.lr)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                    else contextlib.nullcontext())
-        with autocast:
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), target, weight=loss_weight, label_smoothing=cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-            opt.step()
-        step += 1
-        seen += len(y)
-        loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.1e}")
-    seconds = time.perf_counter() - t0
-    return ({"train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen), "lr": lr,
-             "images_per_s": seen / seconds if seconds else 0.0, "seconds": seconds}, step)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 arithmetic in hardware (x86 ``avx512_bf16`` or ``amx_bf16``, Arm ``bf16``).
-
-    Read from ``/proc/cpuinfo`` (Linux); False elsewhere. Without it oneDNN emulates bf16 and autocast is
-    slower than float32, so training uses bf16 autocast on the CPU only when this is True. Measured on a
-    2-core AMD EPYC (Zen 4, ``avx512_bf16``), a training step (forward + backward + AdamW) ran at 1.8-2.2x
-    the float32 speed for the custom CNN at 28x28 (batch 128) and 1.4x for mobilenet_v2 at 136x102 (batch 64).
-    """
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    flags = set(line.partition(":")[2].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-    except OSError:
-        pass
-    return False
-
-
-def track_validation(history: Sequence[dict]) -> tuple[dict[str, Any], bool, int]:
-    """The best epoch, whether the last epoch is it, and the epochs since validation last improved.
-
-    Best: highest validation accuracy, ties broken by lower validation loss (training figures when there is no
-    validation split). Early stopping counts the epochs in which *neither* the validation loss nor the accuracy
-    reached a new best: with label smoothing, the unsmoothed validation loss can rise for an epoch or two while
-    the accuracy still climbs (measured on footwear, mobilenet_v2, epochs 3-4).
-    """
-    best: dict[str, Any] = {"epoch": 0, "val_acc": -math.inf, "val_loss": math.inf}
-    low_loss, high_acc, bad = math.inf, -math.inf, 0
-    improved = False
-    for row in history:
-        acc = row.get("val_acc", row.get("train_acc", 0.0))
-        loss = row.get("val_loss", row.get("train_loss", math.inf))
-        improved = (acc, -loss) > (best["val_acc"], -best["val_loss"])
-        if improved:
-            best = {"epoch": row["epoch"], "val_acc": acc, "val_loss": loss}
-        bad = 0 if (loss < low_loss or acc > high_acc) else bad + 1
-        low_loss, high_acc = min(low_loss, loss), max(high_acc, acc)
-    return best, improved, bad
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def checkpoint_dir(out: str | Path) -> Path:
-    """Where :func:`train` keeps ``last.pt`` and ``best.pt`` for the model file ``out``: ``<out>.ckpt/``."""
-    out = Path(out)
-    return out.with_name(out.name + ".ckpt")
-
-
-def split_manifest_path(out: str | Path) -> Path:
-    out = Path(out)
-    return out.with_name(out.stem + ".split.csv")
-
-
-def model_card_path(out: str | Path) -> Path:
-    out = Path(out)
-    return out.with_name(out.stem + ".card.md")
-
-
-def _save_atomic(obj: dict, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A training checkpoint, loaded with ``weights_only=True``.
+def check_and_split(
+    data_dir: str | Path, manifest: Path, cfg: TrainConfig | None, overrides: dict[str, Any] | None, *,
+    log_fn: Callable[[str], None], progress: bool,
+) -> PreparedData:
+    """Step 1: check the photos (:func:`pipeline.training.dataprep.check_dataset`, the worker's minimum side),
+    resolve the recipe when ``cfg`` is None, split them and write the split manifest to ``manifest``.
 
     Raises:
-        FileNotFoundError: no checkpoint there.
-        ModelFileError: the file is not an invsort training checkpoint.
+        SourceError: the folder is missing or has fewer than two categories.
+        ConfigError: a bad recipe value.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint to resume from: {path} (train once without --resume first)")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelFileError(f"{path} is not a training checkpoint ({type(exc).__name__}: {exc})"[:400]) from None
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise ModelFileError(f"{path} is not an invsort training checkpoint")
-    return ck
+    if cfg is not None:
+        cfg.validate()
+    nd = {} if cfg is None or cfg.near_dup_distance is None else {"near_dup_distance": cfg.near_dup_distance}
+    if cfg is None and (overrides or {}).get("near_dup_distance") is not None:
+        nd = {"near_dup_distance": (overrides or {})["near_dup_distance"]}
+    t0 = time.perf_counter()
+    report = check_dataset(data_dir, min_side_px=MIN_SIDE_PX, progress=progress, **nd)
+    if cfg is None:
+        paths = [r.path for r in report.images]
+        cfg = resolve_recipe(overrides or {}, [r.size for r in report.images], _is_gray(paths))
+    split = grouped_split(report, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
+    split_sha = write_split_manifest(split, manifest, hashes={r.path: r.sha256 for r in report.images})
+    log_fn(
+        f"data: {len(report.images)} good images in {len(report.class_names)} classes "
+        f"({', '.join(f'{k} {v}' for k, v in report.class_counts.items())}), imbalance "
+        f"{report.imbalance:.2f}x; excluded {len(report.bad_files)} bad files; "
+        f"{len(report.exact_duplicates)} exact and {len(report.near_duplicates)} near-duplicate groups kept "
+        f"inside one split; {len(report.conflicts)} duplicate groups span categories "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
+    for path, reason in report.bad_files[:20]:
+        log_fn(f"  excluded {path}: {reason}")
+    summary = _data_summary(data_dir, report, split, manifest, split_sha)
+    return PreparedData(cfg, list(report.class_names), split, summary)
 
 
-def _device(name: str) -> torch.device:
-    from pipeline.inference.predictor import resolve_device
+def _data_summary(
+    data_dir: str | Path, report: DatasetReport, split: dict[str, list[tuple[str, str]]], manifest: Path,
+    split_sha: str,
+) -> dict[str, Any]:
+    return {
+        "root": str(data_dir),
+        "class_counts": dict(report.class_counts),
+        "split_class_counts": {s: dict(Counter(c for _, c in v)) for s, v in split.items()},
+        "imbalance": report.imbalance if math.isfinite(report.imbalance) else None,
+        "excluded": [[p, r] for p, r in report.bad_files[:1000]],
+        "excluded_count": len(report.bad_files),
+        "exact_duplicate_groups": len(report.exact_duplicates),
+        "near_duplicate_groups": len(report.near_duplicates),
+        "conflict_groups": len(report.conflicts),
+        "split_manifest": manifest.name,
+        "split_sha256": split_sha,
+    }
 
-    return resolve_device(name)
+
+def from_checkpoint(ckdir: Path, manifest: Path, log_fn: Callable[[str], None]) -> PreparedData:
+    """Step 1 of a resumed run: the recipe, classes, data summary and split that ``ckdir/last.pt`` recorded.
+
+    Raises:
+        FileNotFoundError: no ``last.pt``.
+        ModelFileError: not a training checkpoint, or the split manifest is missing or changed since.
+    """
+    ck = load_checkpoint(ckdir / "last.pt")
+    saved = dict(ck["config"])
+    saved["image_size"] = tuple(saved["image_size"])
+    cfg = TrainConfig(**saved)
+    summary = dict(ck["data"])
+    if not manifest.is_file() or sha256_file(manifest) != summary["split_sha256"]:
+        raise ModelFileError(f"{manifest} is missing or changed since the checkpoint; cannot resume")
+    log_fn(f"resuming from {ckdir / 'last.pt'} after epoch {ck['epoch']}/{cfg.epochs}")
+    return PreparedData(cfg, list(ck["class_names"]), read_split_manifest(manifest), summary, ck)
+
+
+def load_split_images(
+    data: PreparedData, size: tuple[int, int], *, log_fn: Callable[[str], None], progress: bool
+) -> dict[str, Arrays]:
+    """Step 3: decode each split once at ``size`` with :func:`pipeline.io.folders.load_images` (the worker's
+    decoder), labels as indices into ``data.class_names``; files that fail are logged and left out."""
+    t0 = time.perf_counter()
+    index = {c: i for i, c in enumerate(data.class_names)}
+    arrays = {s: load_images([(p, index[c]) for p, c in data.split[s]], size=size, in_chans=data.cfg.in_chans,
+                             progress=progress, desc=f"decode {s}") for s in ("train", "val", "test")}
+    for s, arr in arrays.items():
+        for p, r in arr.failed:
+            log_fn(f"  {s}: could not decode {p}: {r}")
+    log_fn(f"decoded {sum(len(a.labels) for a in arrays.values())} images at {size[0]}x{size[1]} "
+           f"({time.perf_counter() - t0:.0f} s)")
+    return arrays
+
+
+def build_model(cfg: TrainConfig, num_classes: int, device: torch.device, *, weights: str | None) -> nn.Module:
+    """Step 4: the network (``weights``: ImageNet weights or None), classifier-only trainable with
+    ``freeze_backbone``, on ``device`` in channels-last memory format."""
+    model = create_model(cfg.arch, num_classes=num_classes, in_chans=cfg.in_chans, weights=weights)
+    if cfg.freeze_backbone:
+        prefixes = arch_spec(cfg.arch).classifier_prefixes
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(prefixes))
+    return model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+
+@dataclass
+class Fitted:
+    """What :func:`fit_model` gives: the loop's final state, the balance mode used and the training steps'
+    dtype name (``float32``, ``bfloat16``, ``float16``)."""
+
+    state: FitState
+    balance: str
+    step_dtype: str
+
+
+def fit_model(
+    model: nn.Module, data: PreparedData, train_set: Arrays, val_set: Arrays, inputs: ModelInputs, *,
+    device: torch.device, ckdir: Path, meta: dict[str, Any], log_fn: Callable[[str], None], progress: bool,
+) -> Fitted:
+    """Step 5: AdamW, mixed precision, class balance and augmentation from the recipe, then the epoch loop
+    (:func:`pipeline.training.loop.fit`), continuing from ``data.checkpoint`` when resuming."""
+    cfg, k = data.cfg, len(data.class_names)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    amp_dtype, scaler = mixed_precision(device, cfg.amp)
+    step_dtype = "float32" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
+    counts = np.bincount(train_set.labels, minlength=k)
+    imbalance = counts.max() / max(1, counts.min())
+    balance = cfg.balance if cfg.balance != "auto" else ("weights" if imbalance > 1.5 else "none")
+    transform = train_preset(inputs.size, inputs.mean, inputs.std, in_chans=cfg.in_chans, policy=cfg.policy,
+                             hflip=cfg.hflip, scale=(cfg.crop_scale, 1.0), color_jitter=cfg.color_jitter)
+    cpus = os.cpu_count() or 1
+    workers = cfg.loader_workers if cfg.loader_workers >= 0 else (0 if cpus <= 4 else min(8, cpus // 4))
+    steps_per_epoch = math.ceil(len(train_set.labels) / cfg.batch_size)
+    how = StepRecipe(
+        peak_lr=cfg.lr, total_steps=steps_per_epoch * cfg.epochs,
+        warmup_steps=max(1, int(cfg.warmup_epochs * steps_per_epoch)), label_smoothing=cfg.label_smoothing,
+        clip_grad_norm=cfg.clip_grad_norm,
+        loss_weight=class_weights(train_set.labels, k).to(device) if balance == "weights" else None,
+        mixing=batch_mixing(k, mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha),
+        amp_dtype=amp_dtype, scaler=scaler,
+    )
+    ckdir.mkdir(parents=True, exist_ok=True)
+    ck = data.checkpoint
+    state = resume_state(ck, model, opt, scaler, ckdir) if ck is not None else FitState()
+    log_fn(f"training {cfg.arch} on {device.type}: {len(train_set.labels)} images, {steps_per_epoch} steps/epoch, "
+           f"balance={balance}, augmentation={cfg.policy}, {workers} loader worker(s), "
+           f"{step_dtype}{'' if amp_dtype is None else ' autocast'} steps")
+    mean, std = inputs.tensors()
+    plan = FitPlan(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, sampler=balance == "sampler",
+                   patience=cfg.patience, workers=workers, mean=mean, std=std, ckdir=ckdir, meta=meta)
+    fit(model, opt, AugmentedImages(train_set.images, train_set.labels, transform), (val_set.images, val_set.labels),
+        plan=plan, how=how, state=state, device=device, log_fn=log_fn, progress=progress)
+    return Fitted(state, balance, step_dtype)
+
+
+def calibrate(
+    model: nn.Module, val_set: Arrays, inputs: ModelInputs, cfg: TrainConfig, *, device: torch.device,
+    log_fn: Callable[[str], None],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Step 6: temperature scaling on the validation split, then the review threshold for ``cfg.target_precision``
+    at ``cfg.threshold_confidence`` (:mod:`pipeline.evaluation.calibration`).
+
+    Returns:
+        ``(calibration, threshold)``: ``{"temperature", "val_ece_before", "val_ece_after", "val_nll_before",
+        "val_nll_after"}`` (only the temperature 1.0 without a validation split) and
+        :meth:`ThresholdChoice.to_dict` (threshold 0.0, not met, without one).
+    """
+    if not len(val_set.labels):
+        return {"temperature": 1.0}, {"threshold": 0.0, "met": False, "reason": "no validation split"}
+    logits = predict_logits(model, val_set.images, *inputs.tensors(), device=device)
+    yv = torch.from_numpy(val_set.labels)
+    temperature = fit_temperature(logits, yv)
+    p_raw = F.softmax(logits, 1).numpy()
+    p_cal = F.softmax(logits / temperature, 1).numpy()
+    ok = p_cal.argmax(1) == val_set.labels
+    ece_raw, _ = expected_calibration_error(p_raw.max(1), ok)
+    ece_cal, _ = expected_calibration_error(p_cal.max(1), ok)
+    calibration = {"temperature": temperature, "val_ece_before": ece_raw, "val_ece_after": ece_cal,
+                   "val_nll_before": F.cross_entropy(logits, yv).item(),
+                   "val_nll_after": F.cross_entropy(logits / temperature, yv).item()}
+    choice = choose_threshold(p_cal.max(1), ok, cfg.target_precision, confidence_level=cfg.threshold_confidence)
+    log_fn(f"calibration: temperature {temperature:.3f}, validation ECE {ece_raw:.4f} -> {ece_cal:.4f}")
+    if choice.met:
+        log_fn(f"review threshold {choice.threshold:.4f}: validation precision {choice.precision:.4f} "
+               f"({cfg.threshold_confidence:g} lower bound {choice.precision_bound:.4f}) on the "
+               f"{choice.coverage:.1%} of rows it sorts (target {cfg.target_precision})")
+    else:
+        log_fn(f"no threshold reaches precision {cfg.target_precision} on validation (lower bound at "
+               f"{cfg.threshold_confidence:g}): every row goes to review unless the model improves (more data, "
+               "more epochs, a larger validation split) or the target or --threshold-confidence is lowered")
+    return calibration, choice.to_dict()
+
+
+def score_test_split(
+    model: nn.Module, test_set: Arrays, inputs: ModelInputs, mf: ModelFile, *, device: torch.device,
+    log_fn: Callable[[str], None],
+) -> dict[str, Any] | None:
+    """Step 7: :func:`pipeline.evaluation.report.compute_metrics` (without the reliability bins) of the held-out
+    test split with ``mf``'s temperature, plus ``at_threshold`` (:func:`selective_scores` at its review
+    threshold); None without a test split."""
+    if not len(test_set.labels):
+        return None
+    logits = predict_logits(model, test_set.images, *inputs.tensors(), device=device)
+    probs = F.softmax(logits / mf.temperature, 1).numpy()
+    metrics = compute_metrics(test_set.labels, probs.argmax(1), probs, mf.class_names)
+    metrics.pop("reliability", None)
+    metrics["at_threshold"] = selective_scores(probs, test_set.labels, mf.review_threshold)
+    sel = metrics["at_threshold"]
+    log_fn(f"test ({metrics['n']} images never used for training or choices): top-1 {metrics['accuracy']:.4f}, "
+           f"macro F1 {metrics['macro_avg']['f1']:.4f}, ECE {metrics['ece']:.4f}; at the threshold: precision "
+           f"{sel['precision']:.4f} on {sel['coverage']:.1%} sorted, {sel['needs_review']} to review")
+    return metrics
+
+
+def _seed(cfg: TrainConfig) -> None:
+    """Torch threads, then torch's, Python's and NumPy's global generators from ``cfg.seed``."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
 
 
 def _is_gray(paths: Sequence[str], limit: int = 32) -> bool:
-    """Whether a sample of the photos has R == G == B everywhere (grayscale files or gray RGB)."""
-    import cv2
-
+    """Whether a sample of the photos has R == G == B everywhere (grayscale files or gray RGB), decoded by
+    :func:`pipeline.io.folders.read_image` at their own size."""
     for p in list(paths)[:limit]:
-        img = cv2.imread(p, cv2.IMREAD_UNCHANGED)
-        if img is None:
+        try:
+            img = read_image(p, size=None, in_chans=3)[1]
+        except ImageError:
             continue
-        color = img.ndim == 3 and img.shape[2] >= 3
-        if color and not (np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2])):
+        if not (np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2])):
             return False
     return True
-
-
-def _sha256_file(path: Path) -> str:
-    return sha256_file(path)
 
 
 def train(
@@ -444,7 +510,8 @@ def train(
         overrides: TrainConfig fields the user set (only used when ``cfg`` is None).
         resume: continue from ``<out>.ckpt/last.pt`` with its recipe and split (the other arguments must
             name the same data and model file).
-        progress: progress bars on stderr.
+        progress: progress display on stderr (:func:`pipeline.progress.progress`: a bar on a terminal, else a
+            log line every tenth of a pass, logger ``pipeline.progress`` at INFO).
         log_fn: receives one line per step and per epoch (loss, accuracy, learning rate, images/s).
 
     Returns:
@@ -458,250 +525,45 @@ def train(
         ConfigError: a bad recipe value (the message names it and its valid range).
         FileNotFoundError, ModelFileError: ``resume`` without a usable checkpoint.
     """
-    from pipeline.evaluation.calibration import choose_threshold, fit_temperature, selective_scores
-    from pipeline.evaluation.report import compute_metrics, expected_calibration_error
-    from pipeline.training.dataprep import check_dataset, grouped_split, read_split_manifest, write_split_manifest
-    from pipeline.training.transforms import batch_mixing, train_preset
-
     t_start = time.perf_counter()
     out = Path(out)
-    ckdir = checkpoint_dir(out)
-    manifest = split_manifest_path(out)
-    ck: dict | None = None
-    if resume:
-        ck = load_checkpoint(ckdir / "last.pt")
-        saved = dict(ck["config"])
-        saved["image_size"] = tuple(saved["image_size"])
-        cfg = TrainConfig(**saved)
-        data_summary = dict(ck["data"])
-        if not manifest.is_file() or _sha256_file(manifest) != data_summary["split_sha256"]:
-            raise ModelFileError(f"{manifest} is missing or changed since the checkpoint; cannot resume")
-        split = read_split_manifest(manifest)
-        class_names = list(ck["class_names"])
-        log_fn(f"resuming from {ckdir / 'last.pt'} after epoch {ck['epoch']}/{cfg.epochs}")
-    else:
-        if cfg is not None:
-            cfg.validate()
-        nd = {} if cfg is None or cfg.near_dup_distance is None else {"near_dup_distance": cfg.near_dup_distance}
-        if cfg is None and (overrides or {}).get("near_dup_distance") is not None:
-            nd = {"near_dup_distance": overrides["near_dup_distance"]}
-        t0 = time.perf_counter()
-        report = check_dataset(data_dir, min_side_px=MIN_SIDE_PX, **nd)  # the worker's own minimum
-        class_names = list(report.class_names)
-        if cfg is None:
-            cfg = resolve_recipe(overrides or {}, [r.size for r in report.images],
-                                 _is_gray([r.path for r in report.images]))
-        split = grouped_split(report, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
-                              seed=cfg.seed)
-        split_sha = write_split_manifest(split, manifest, hashes={r.path: r.sha256 for r in report.images})
-        log_fn(
-            f"data: {len(report.images)} good images in {len(class_names)} classes "
-            f"({', '.join(f'{k} {v}' for k, v in report.class_counts.items())}), imbalance "
-            f"{report.imbalance:.2f}x; excluded {len(report.bad_files)} bad files; "
-            f"{len(report.exact_duplicates)} exact and {len(report.near_duplicates)} near-duplicate groups kept "
-            f"inside one split; {len(report.conflicts)} duplicate groups span categories "
-            f"({time.perf_counter() - t0:.0f} s)"
-        )
-        for path, reason in report.bad_files[:20]:
-            log_fn(f"  excluded {path}: {reason}")
-        data_summary = {
-            "root": str(data_dir),
-            "class_counts": dict(report.class_counts),
-            "split_class_counts": {s: dict(Counter(c for _, c in v)) for s, v in split.items()},
-            "imbalance": report.imbalance if math.isfinite(report.imbalance) else None,
-            "excluded": [[p, r] for p, r in report.bad_files[:1000]],
-            "excluded_count": len(report.bad_files),
-            "exact_duplicate_groups": len(report.exact_duplicates),
-            "near_duplicate_groups": len(report.near_duplicates),
-            "conflict_groups": len(report.conflicts),
-            "split_manifest": manifest.name,
-            "split_sha256": split_sha,
-        }
-    assert cfg is not None
+    ckdir, manifest = checkpoint_dir(out), split_manifest_path(out)
+    data = (from_checkpoint(ckdir, manifest, log_fn) if resume
+            else check_and_split(data_dir, manifest, cfg, overrides, log_fn=log_fn, progress=progress))
+    cfg, split = data.cfg, data.split
     log_fn(f"split: train {len(split['train'])}, val {len(split['val'])}, test {len(split['test'])} "
            f"(manifest {manifest})")
     log_fn("recipe: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
     if not split["train"]:
         raise SourceError(f"no training images left in {data_dir} after the check")
-
-    spec = arch_spec(cfg.arch)
-    size = tuple(cfg.image_size or spec.input_size)
-    mean_t = spec.mean if cfg.in_chans == len(spec.mean) else (spec.mean[0],) * cfg.in_chans
-    std_t = spec.std if cfg.in_chans == len(spec.std) else (spec.std[0],) * cfg.in_chans
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    device = _device(cfg.device)
-
-    t0 = time.perf_counter()
-    index = {c: i for i, c in enumerate(class_names)}
-    data = {s: load_images([(p, index[c]) for p, c in split[s]], size=size, in_chans=cfg.in_chans,
-                           progress=progress, desc=f"decode {s}") for s in ("train", "val", "test")}
-    for s, arr in data.items():
-        for p, r in arr.failed:
-            log_fn(f"  {s}: could not decode {p}: {r}")
-    log_fn(f"decoded {sum(len(a.labels) for a in data.values())} images at {size[0]}x{size[1]} "
-           f"({time.perf_counter() - t0:.0f} s)")
-    tr, va, te = data["train"], data["val"], data["test"]
-
-    model = create_model(cfg.arch, num_classes=len(class_names), in_chans=cfg.in_chans,
-                         weights=None if ck else cfg.weights)
-    if cfg.freeze_backbone:
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith(spec.classifier_prefixes))
-    model = model.to(device, memory_format=torch.channels_last)
-    mean = torch.tensor(mean_t, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(std_t, dtype=torch.float32).view(1, -1, 1, 1)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    amp_dtype = None
-    scaler = None
-    if device.type == "cuda" and cfg.amp:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if amp_dtype == torch.float16:
-            scaler = torch.amp.GradScaler("cuda")
-    elif device.type == "cpu" and cfg.amp and cpu_has_native_bf16():
-        amp_dtype = torch.bfloat16
-    step_dtype = "float32" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
-
-    counts = np.bincount(tr.labels, minlength=len(class_names))
-    imbalance = counts.max() / max(1, counts.min())
-    balance = cfg.balance if cfg.balance != "auto" else ("weights" if imbalance > 1.5 else "none")
-    loss_weight = class_weights(tr.labels, len(class_names)).to(device) if balance == "weights" else None
-    transform = train_preset(size, mean_t, std_t, in_chans=cfg.in_chans, policy=cfg.policy, hflip=cfg.hflip,
-                             scale=(cfg.crop_scale, 1.0), color_jitter=cfg.color_jitter)
-    mixing = batch_mixing(len(class_names), mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha)
-    dataset = _Augmented(tr.images, tr.labels, transform)
-    cpus = os.cpu_count() or 1
-    workers = cfg.loader_workers if cfg.loader_workers >= 0 else (0 if cpus <= 4 else min(8, cpus // 4))
-
-    steps_per_epoch = math.ceil(len(tr.labels) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = max(1, int(cfg.warmup_epochs * steps_per_epoch))
-    history: list[dict] = []
-    best: dict[str, Any] = {"val_loss": math.inf, "epoch": 0}
-    bad_epochs, step, first_epoch = 0, 0, 1
-    ckdir.mkdir(parents=True, exist_ok=True)
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        if scaler is not None and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        torch.set_rng_state(ck["torch_rng"])
-        history, step = list(ck["history"]), int(ck["step"])
-        best, _, bad_epochs = track_validation(history)
-        if best["epoch"] == int(ck["epoch"]):  # checkpoints of an older rule: the best is the last epoch's model
-            _save_atomic({"format": CHECKPOINT_FORMAT, "epoch": best["epoch"], "model": ck["model"]}, ckdir / "best.pt")
-        first_epoch = int(ck["epoch"]) + 1
-    cfg_dict = asdict(cfg)
-    cfg_dict["image_size"] = list(size)
-    log_fn(f"training {cfg.arch} on {device.type}: {len(tr.labels)} images, {steps_per_epoch} steps/epoch, "
-           f"balance={balance}, augmentation={cfg.policy}, {workers} loader worker(s), "
-           f"{step_dtype}{'' if amp_dtype is None else ' autocast'} steps")
-
-    stopped_early = bool(ck and ck.get("stopped_early"))
-    for epoch in range(first_epoch, cfg.epochs + 1):
-        if stopped_early:
-            break
-        order = epoch_order(tr.labels, sampler=balance == "sampler", seed=cfg.seed, epoch=epoch)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=cfg.batch_size, sampler=order, num_workers=workers,
-            worker_init_fn=_loader_worker_init if workers else None,
-            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch),
-            pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
-        )
-        row, step = train_one_epoch(
-            model, opt, loader, step=step, total_steps=total_steps, warmup_steps=warmup_steps, cfg=cfg,
-            loss_weight=loss_weight, mixing=mixing, device=device, scaler=scaler, amp_dtype=amp_dtype,
-            desc=f"epoch {epoch}/{cfg.epochs}", progress=progress,
-        )
-        row = {"epoch": epoch, **row}
-        if len(va.labels):
-            logits = predict_logits(model, va.images, mean, std, device=device)
-            yv = torch.from_numpy(va.labels)
-            row["val_loss"] = F.cross_entropy(logits, yv).item()
-            row["val_acc"] = (logits.argmax(1) == yv).float().mean().item()
-        history.append(row)
-        best, improved, bad_epochs = track_validation(history)
-        stopped_early = bool(cfg.patience and bad_epochs >= cfg.patience and epoch < cfg.epochs)
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        ckpt = {
-            "format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step, "config": cfg_dict, "class_names": class_names,
-            "data": data_summary, "model": state, "optimizer": opt.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {}, "torch_rng": torch.get_rng_state(),
-            "history": history, "stopped_early": stopped_early,
-        }
-        if improved:
-            _save_atomic({"format": CHECKPOINT_FORMAT, "epoch": epoch, "model": state}, ckdir / "best.pt")
-        _save_atomic(ckpt, ckdir / "last.pt")
-        log_fn(
-            f"epoch {epoch}/{cfg.epochs}: loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
-            + (f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}" if "val_acc" in row else "")
-            + f" | lr {row['lr']:.2e} | {row['images_per_s']:.0f} img/s | {row['seconds']:.0f} s"
-            + (" | best" if improved else "")
-        )
-        if stopped_early:
-            log_fn(f"early stop: neither validation loss nor accuracy improved for {bad_epochs} epochs "
-                   f"(best: epoch {best['epoch']})")
-
+    inputs = ModelInputs.of(cfg)
+    _seed(cfg)
+    device = resolve_device(cfg.device)
+    arrays = load_split_images(data, inputs.size, log_fn=log_fn, progress=progress)
+    model = build_model(cfg, len(data.class_names), device, weights=None if data.checkpoint else cfg.weights)
+    recipe = {**asdict(cfg), "image_size": list(inputs.size)}
+    meta = {"config": recipe, "class_names": data.class_names, "data": data.summary}
+    fitted = fit_model(model, data, arrays["train"], arrays["val"], inputs, device=device, ckdir=ckdir, meta=meta,
+                       log_fn=log_fn, progress=progress)
     best_state = load_checkpoint(ckdir / "best.pt")["model"]
     model.load_state_dict(best_state)
-
-    # calibration and the review threshold, on the validation split
-    calibration: dict[str, Any] = {"temperature": 1.0}
-    threshold_info: dict[str, Any] = {"threshold": 0.0, "met": False, "reason": "no validation split"}
-    if len(va.labels):
-        logits = predict_logits(model, va.images, mean, std, device=device)
-        yv = torch.from_numpy(va.labels)
-        temperature = fit_temperature(logits, yv)
-        p_raw = F.softmax(logits, 1).numpy()
-        p_cal = F.softmax(logits / temperature, 1).numpy()
-        ok = p_cal.argmax(1) == va.labels
-        ece_raw, _ = expected_calibration_error(p_raw.max(1), ok)
-        ece_cal, _ = expected_calibration_error(p_cal.max(1), ok)
-        calibration = {"temperature": temperature, "val_ece_before": ece_raw, "val_ece_after": ece_cal,
-                       "val_nll_before": F.cross_entropy(logits, yv).item(),
-                       "val_nll_after": F.cross_entropy(logits / temperature, yv).item()}
-        choice = choose_threshold(p_cal.max(1), ok, cfg.target_precision, confidence_level=cfg.threshold_confidence)
-        threshold_info = choice.to_dict()
-        log_fn(f"calibration: temperature {temperature:.3f}, validation ECE {ece_raw:.4f} -> {ece_cal:.4f}")
-        if choice.met:
-            log_fn(f"review threshold {choice.threshold:.4f}: validation precision {choice.precision:.4f} "
-                   f"({cfg.threshold_confidence:g} lower bound {choice.precision_bound:.4f}) on the "
-                   f"{choice.coverage:.1%} of rows it sorts (target {cfg.target_precision})")
-        else:
-            log_fn(f"no threshold reaches precision {cfg.target_precision} on validation (lower bound at "
-                   f"{cfg.threshold_confidence:g}): every row goes to review unless the model improves (more data, "
-                   "more epochs, a larger validation split) or the target or --threshold-confidence is lowered")
-
+    calibration, threshold = calibrate(model, arrays["val"], inputs, cfg, device=device, log_fn=log_fn)
+    best, _, _ = track_validation(fitted.state.history)
     info: dict[str, Any] = {
-        "recipe": cfg_dict, "data": data_summary, "class_counts": data_summary["class_counts"],
-        "skipped": data_summary["excluded"], "history": history, "best_epoch": best["epoch"],
-        "best_val_acc": best.get("val_acc"), "best_val_loss": best["val_loss"], "stopped_early": stopped_early,
-        "calibration": calibration, "threshold": threshold_info, "balance": balance,
-        "step_dtype": step_dtype,
+        "recipe": recipe, "data": data.summary, "class_counts": data.summary["class_counts"],
+        "skipped": data.summary["excluded"], "history": fitted.state.history, "best_epoch": best["epoch"],
+        "best_val_acc": best.get("val_acc"), "best_val_loss": best["val_loss"],
+        "stopped_early": fitted.state.stopped_early, "calibration": calibration, "threshold": threshold,
+        "balance": fitted.balance, "step_dtype": fitted.step_dtype,
     }
-    mf = ModelFile(arch=cfg.arch, class_names=class_names, in_chans=cfg.in_chans,
-                   input_size=size,  # type: ignore[arg-type]
-                   mean=tuple(mean_t), std=tuple(std_t), state_dict=best_state,
-                   temperature=float(calibration["temperature"]),
-                   review_threshold=float(threshold_info["threshold"]), info=info,
-                   created_at=datetime.now(UTC).isoformat(timespec="seconds"))
-    if len(te.labels):
-        probs = F.softmax(predict_logits(model, te.images, mean, std, device=device) / mf.temperature, 1).numpy()
-        metrics = compute_metrics(te.labels, probs.argmax(1), probs, class_names)
-        metrics.pop("reliability", None)
-        metrics["at_threshold"] = selective_scores(probs, te.labels, mf.review_threshold)
-        info["test"] = metrics
-        sel = metrics["at_threshold"]
-        log_fn(f"test ({metrics['n']} images never used for training or choices): top-1 {metrics['accuracy']:.4f}, "
-               f"macro F1 {metrics['macro_avg']['f1']:.4f}, ECE {metrics['ece']:.4f}; at the threshold: precision "
-               f"{sel['precision']:.4f} on {sel['coverage']:.1%} sorted, {sel['needs_review']} to review")
+    mf = ModelFile(arch=cfg.arch, class_names=data.class_names, in_chans=cfg.in_chans, input_size=inputs.size,
+                   mean=inputs.mean, std=inputs.std, state_dict=best_state,
+                   temperature=float(calibration["temperature"]), review_threshold=float(threshold["threshold"]),
+                   info=info, created_at=datetime.now(UTC).isoformat(timespec="seconds"))
+    if (test := score_test_split(model, arrays["test"], inputs, mf, device=device, log_fn=log_fn)) is not None:
+        info["test"] = test
     info["train_seconds"] = time.perf_counter() - t_start
     version = save_model_file(mf, out)
-    from pipeline.models.modelcard import write_model_card
-
     write_model_card(mf, model_card_path(out))
     log_fn(f"saved {out} (version {version}), model card {model_card_path(out)}; "
            f"{info['train_seconds']:.0f} s in all")
