@@ -106,10 +106,10 @@ def default_log_every(total: int | None) -> int:
 
 
 def progress(
-    iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str, unit: str = "it",
+    iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str, unit: str = "it",
     log_every: int | None = None, min_interval_s: float = MIN_INTERVAL_S, disable: bool = False,
     stream: IO[str] | None = None, leave: bool = False,
-) -> tqdm | LogProgress[T]:
+) -> tqdm | LogProgress[Any]:
     """A progress display for ``iterable`` (or, without one, for :meth:`update` calls).
 
     Args:

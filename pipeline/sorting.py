@@ -7,9 +7,11 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -20,36 +22,52 @@ import torch
 from db.catalog import complete_job_if_done, create_job, fail_job, finish_listing, record_batch, upsert_items
 from db.session import session_scope
 from pipeline.errors import SourceError
-from pipeline.inference.predictor import Predictor, Summary, run_pipeline
-from pipeline.io.storage import ObjectReader, iter_source, local_path, make_reader
+from pipeline.inference.predictor import Predictor, PredictorOptions
+from pipeline.inference.streaming import Summary, run_pipeline
+from pipeline.io.sources import iter_source
+from pipeline.io.storage import ObjectReader, local_path, make_reader
 from pipeline.models.modelfile import load_model_file
 from pipeline.records import Item, ItemResult
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_predictors: dict[tuple[str, str, float | None, str, Path | None, str, bool], Predictor] = {}
+# (model spec, options, torch threads of the loading thread: cpu_streams=0 means one stream per thread)
+_PredictorKey = tuple[str, PredictorOptions, int]
+_predictors: OrderedDict[_PredictorKey, Predictor] = OrderedDict()
 _predictors_lock = threading.Lock()
+MAX_CACHED_PREDICTORS = 4
 
 
 def get_predictor(settings: Settings, model_spec: str | None = None, *, reader: ObjectReader | None = None
                   ) -> Predictor:
-    """The process's :class:`Predictor` for a model, loaded once and reused by every later batch."""
+    """The process's :class:`Predictor` for a model and ``settings``, loaded once and reused by every later batch.
+
+    The :data:`MAX_CACHED_PREDICTORS` most recently used are kept; an older one is closed when a new one is
+    loaded (a closed predictor still predicts, so a caller that holds one is not broken), and all of them at
+    exit.
+    """
     spec = model_spec or settings.model_path
-    key = (spec, settings.device, settings.review_threshold, settings.runtime, settings.runtime_cache_dir,
-           settings.gpu_decode, settings.compile, settings.cpu_streams, settings.cpu_microbatch,
-           torch.get_num_threads())
+    key = (spec, PredictorOptions.from_settings(settings), torch.get_num_threads())
     with _predictors_lock:
-        if key not in _predictors:
-            mf = load_model_file(spec, reader=reader or make_reader(settings))
-            _predictors[key] = Predictor(mf, device=settings.device, review_threshold=settings.review_threshold,
-                                         runtime=settings.runtime, runtime_cache_dir=settings.runtime_cache_dir,
-                                         gpu_decode=settings.gpu_decode, torch_compile=settings.compile,
-                                         compile_batch_size=settings.batch_size, cpu_streams=settings.cpu_streams,
-                                         cpu_microbatch=settings.cpu_microbatch)
-            log.info("loaded model %s version %s on %s with %s, JPEG decoding with %s", mf.name, mf.version,
-                     _predictors[key].device, settings.runtime, _predictors[key].decode_backend)
-        return _predictors[key]
+        if key in _predictors:
+            _predictors.move_to_end(key)
+            return _predictors[key]
+        mf = load_model_file(spec, reader=reader or make_reader(settings))
+        predictor = _predictors[key] = Predictor(mf, key[1])
+        log.info("loaded model %s version %s on %s with %s, JPEG decoding with %s", mf.name, mf.version,
+                 predictor.device, settings.runtime, predictor.decode_backend)
+        while len(_predictors) > MAX_CACHED_PREDICTORS:
+            _predictors.popitem(last=False)[1].close()
+        return predictor
+
+
+@atexit.register
+def close_predictors() -> None:
+    """Close and forget every cached predictor (at exit; tests)."""
+    with _predictors_lock:
+        while _predictors:
+            _predictors.popitem()[1].close()
 
 
 def source_roots(source: str) -> list[Path]:

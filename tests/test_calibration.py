@@ -15,7 +15,7 @@ from pipeline.evaluation.calibration import (
     precision_lower_bound,
     selective_scores,
 )
-from pipeline.evaluation.report import expected_calibration_error
+from pipeline.evaluation.metrics import expected_calibration_error
 
 
 def test_temperature_scaling_cools_an_overconfident_model_and_keeps_its_argmax():

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.evaluation.report import compute_metrics, evaluate, expected_calibration_error
+from pipeline.evaluation.metrics import compute_metrics, expected_calibration_error
+from pipeline.evaluation.report import evaluate
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 MODEL = "bundled:fashion_mnist_cnn"

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from db.catalog import iter_items
 from db.session import dispose_engines, session_scope
 from pipeline.errors import ConfigError
-from pipeline.inference.predictor import Predictor
+from pipeline.inference.predictor import Predictor, PredictorOptions
 from pipeline.models.modelfile import load_model_file, model_version
 from pipeline.models.runtimes import RUNTIMES, export_onnx, onnx_path
 from tests.images import EXAMPLES
@@ -52,14 +52,14 @@ def test_fast_runtime_sorts_the_examples_like_pytorch(runtime, torch_rows, sqlit
 
 def test_export_is_cached_per_model_version_and_shared_by_the_runtimes(tmp_path):
     mf = load_model_file(BUNDLED)
-    first = Predictor(mf, device="cpu", runtime="onnxruntime", runtime_cache_dir=tmp_path)
+    first = Predictor(mf, PredictorOptions(device="cpu", runtime="onnxruntime", runtime_cache_dir=tmp_path))
     assert first.session is not None and first.session.exported
     path = onnx_path(mf, tmp_path)
     assert first.session.onnx_path == path and path.name.startswith(model_version(mf))  # recomputed from the weights
     written = path.stat().st_mtime_ns
 
     for runtime in FAST:
-        again = Predictor(mf, device="cpu", runtime=runtime, runtime_cache_dir=tmp_path)
+        again = Predictor(mf, PredictorOptions(device="cpu", runtime=runtime, runtime_cache_dir=tmp_path))
         assert again.session is not None and not again.session.exported, runtime
         assert again.session.check is not None and again.session.check.top1_agree == again.session.check.n
     assert path.stat().st_mtime_ns == written
@@ -70,7 +70,7 @@ def test_a_damaged_cached_export_is_exported_again(tmp_path):
     mf = load_model_file(BUNDLED)
     path = onnx_path(mf, tmp_path)
     path.write_bytes(b"not an onnx file")
-    predictor = Predictor(mf, device="cpu", runtime="onnxruntime", runtime_cache_dir=tmp_path)
+    predictor = Predictor(mf, PredictorOptions(device="cpu", runtime="onnxruntime", runtime_cache_dir=tmp_path))
     assert predictor.session is not None and predictor.session.exported
     assert predictor.predict_probs(torch.zeros(2, 28, 28, 1, dtype=torch.uint8)).shape == (2, 10)
 
@@ -82,7 +82,7 @@ def test_a_runtime_that_disagrees_with_pytorch_is_refused(runtime, tmp_path):
     other.state_dict = {k: v + 0.05 if v.is_floating_point() else v for k, v in other.state_dict.items()}
     export_onnx(other, onnx_path(mf, tmp_path))  # a cached file that is not this model's network
     with pytest.raises(ConfigError, match=f"INVSORT_RUNTIME={runtime} disagrees with PyTorch.*INVSORT_RUNTIME=torch"):
-        Predictor(mf, device="cpu", runtime=runtime, runtime_cache_dir=tmp_path)
+        Predictor(mf, PredictorOptions(device="cpu", runtime=runtime, runtime_cache_dir=tmp_path))
 
 
 def test_bad_runtime_value_is_refused_with_the_valid_ones(tmp_path):
@@ -92,13 +92,13 @@ def test_bad_runtime_value_is_refused_with_the_valid_ones(tmp_path):
     assert "INVSORT_RUNTIME: Input should be 'torch', 'onnxruntime' or 'openvino' (got 'tensorrt')" in result.output
     assert "Traceback" not in result.output
     with pytest.raises(ConfigError, match="unknown runtime 'tensorrt'; valid: torch, onnxruntime, openvino"):
-        Predictor(load_model_file(BUNDLED), runtime="tensorrt")
+        Predictor(load_model_file(BUNDLED), PredictorOptions(runtime="tensorrt"))
 
 
 @pytest.mark.parametrize("runtime", FAST)
 def test_a_cpu_runtime_with_device_cuda_is_refused(runtime):
     with pytest.raises(ConfigError, match=f"INVSORT_RUNTIME={runtime} runs on the CPU"):
-        Predictor(load_model_file(BUNDLED), device="cuda", runtime=runtime)
+        Predictor(load_model_file(BUNDLED), PredictorOptions(device="cuda", runtime=runtime))
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from db.catalog import get_job, iter_items
 from db.session import session_scope
-from pipeline.inference.predictor import Predictor, run_pipeline
+from pipeline.inference.predictor import Predictor, PredictorOptions
+from pipeline.inference.streaming import run_pipeline
 from pipeline.io.storage import make_reader
 from pipeline.models.modelfile import load_model_file
 from pipeline.records import Item
@@ -139,7 +140,7 @@ class ExplodingSource:
 def test_source_that_raises_midway_keeps_the_rows_already_read():
     files = example_files()
     items = [Item(f.as_uri(), f.as_uri()) for f in files]
-    predictor = Predictor(load_model_file("bundled:fashion_mnist_cnn"), device="cpu")
+    predictor = Predictor(load_model_file("bundled:fashion_mnist_cnn"), PredictorOptions(device="cpu"))
     reader = make_reader(build_settings(local_roots=str(EXAMPLES)))
     got = []
     with pytest.raises(OSError, match="listing broke midway"):
@@ -152,7 +153,7 @@ def test_source_that_raises_midway_keeps_the_rows_already_read():
 def test_streaming_pipeline_gives_the_same_results_as_one_big_batch():
     files = example_files()
     items = [Item(f.as_uri(), f.as_uri()) for f in files]
-    predictor = Predictor(load_model_file("bundled:fashion_mnist_cnn"), device="cpu")
+    predictor = Predictor(load_model_file("bundled:fashion_mnist_cnn"), PredictorOptions(device="cpu"))
     reader = make_reader(build_settings(local_roots=str(EXAMPLES)))
     small, big = [], []
     run_pipeline(items, predictor=predictor, reader=reader, on_batch=small.extend, batch_size=3, decode_threads=3)
@@ -193,8 +194,8 @@ def test_cpu_streams_split_a_batch_into_micro_batches_with_the_same_results():
     mf = load_model_file("bundled:fashion_mnist_cnn")
     batch = torch.from_numpy(np.stack([decode_image(p.read_bytes(), size=mf.input_size, in_chans=1)
                                        for p in example_files()[:37]]))
-    whole = Predictor(mf, device="cpu", cpu_streams=1, cpu_microbatch=4096)
-    split = Predictor(mf, device="cpu", cpu_streams=3, cpu_microbatch=5)  # 8 micro-batches on 3 threads
+    whole = Predictor(mf, PredictorOptions(device="cpu", cpu_streams=1, cpu_microbatch=4096))
+    split = Predictor(mf, PredictorOptions(device="cpu", cpu_streams=3, cpu_microbatch=5))  # 8 micro-batches, 3 threads
     assert (whole.cpu_streams, split.cpu_streams) == (1, 3)
     probs = split.predict_probs(batch)
     assert probs.shape == (37, 10)
@@ -203,5 +204,33 @@ def test_cpu_streams_split_a_batch_into_micro_batches_with_the_same_results():
     threads = torch.get_num_threads()
     assert split._pool.submit(torch.get_num_threads).result() == max(1, threads // 3)
     assert torch.get_num_threads() == threads
+    pool = split._pool
+    split.close()  # the forward threads are shut down; the closed predictor still predicts, in this thread
+    assert pool._shutdown and split._pool is None
+    torch.testing.assert_close(split.predict_probs(batch), probs)
+    split.close()
+    with Predictor(mf, PredictorOptions(device="cpu", cpu_streams=2)) as scoped:
+        pool = scoped._pool
+        assert pool is not None and scoped.predict_probs(batch[:3]).shape == (3, 10)
+    assert pool._shutdown
     with pytest.raises(ConfigError, match="cpu_microbatch 1..4096"):
-        Predictor(mf, device="cpu", cpu_microbatch=0)
+        Predictor(mf, PredictorOptions(device="cpu", cpu_microbatch=0))
+
+
+def test_the_job_service_caches_a_predictor_per_model_and_options_and_closes_the_evicted_ones(monkeypatch):
+    from pipeline import sorting
+
+    monkeypatch.setattr(sorting, "MAX_CACHED_PREDICTORS", 2)
+    sorting.close_predictors()
+    settings = build_settings(device="cpu", cpu_streams=2)
+    first = sorting.get_predictor(settings, "bundled:fashion_mnist_cnn")
+    assert sorting.get_predictor(build_settings(device="cpu", cpu_streams=2), "bundled:fashion_mnist_cnn") is first
+    assert first.options == PredictorOptions.from_settings(settings) and first.options.cpu_streams == 2
+    second = sorting.get_predictor(build_settings(device="cpu", cpu_streams=2, review_threshold=0.5),
+                                   "bundled:fashion_mnist_cnn")
+    assert second is not first and second.review_threshold == 0.5
+    assert first._pool is not None
+    sorting.get_predictor(build_settings(device="cpu", cpu_streams=1), "bundled:fashion_mnist_cnn")  # evicts first
+    assert first._pool is None and second._pool is not None
+    sorting.close_predictors()
+    assert second._pool is None and not sorting._predictors

@@ -1,128 +1,43 @@
-"""The v2 presets: evaluation matches the worker's preprocessing; training augmentation and batch mixing."""
+"""Training augmentation and batch mixing; training evaluates with the worker's own preprocessing."""
 
-import functools
-import io
 import pickle
-import tarfile
+from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from pipeline.errors import ConfigError
-from pipeline.io.images import decode_image, to_model_input
+from pipeline.inference.predictor import Predictor, PredictorOptions
+from pipeline.io.folders import load_images, scan_folder
+from pipeline.io.images import decode_image
+from pipeline.models.modelfile import load_model_file
 from pipeline.models.registry import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.training.transforms import POLICIES, batch_mixing, eval_preset, train_preset
-from tests.images import FOOTWEAR_TAR, example_files, photo_jpeg
+from pipeline.training.loop import predict_logits
+from pipeline.training.transforms import POLICIES, batch_mixing, train_preset
+from tests.images import EXAMPLES, example_files, photo_jpeg
 
 GRAY = ((0.5,), (0.5,))
 RGB = (IMAGENET_MEAN, IMAGENET_STD)
 
 
-def worker_tensor(data: bytes, size, in_chans, mean, std) -> torch.Tensor:
-    """What the worker feeds the model for one file: decode_image, then to_model_input on a batch of one."""
-    img = torch.from_numpy(decode_image(data, size=size, in_chans=in_chans))[None]
-    c = len(mean)
-    return to_model_input(img, torch.tensor(mean).view(1, c, 1, 1), torch.tensor(std).view(1, c, 1, 1))[0]
-
-
-def eval_tensor(data: bytes, size, in_chans, mean, std) -> torch.Tensor:
-    with Image.open(io.BytesIO(data)) as im:
-        return eval_preset(size, mean, std, in_chans=in_chans)(im)
-
-
-def assert_same_as_worker(files: list[bytes], size, in_chans, norm, *, exact: bool = False) -> None:
-    diffs = []
-    for data in files:
-        w, e = worker_tensor(data, size, in_chans, *norm), eval_tensor(data, size, in_chans, *norm)
-        assert type(e) is torch.Tensor and e.dtype == w.dtype == torch.float32
-        assert e.shape == w.shape == (in_chans, *size)
-        diffs.append((w - e).abs())
-    mean_abs = torch.stack([d.mean() for d in diffs]).mean().item()
-    assert mean_abs < 0.02, f"mean |worker - eval| = {mean_abs:.4f}"
-    if exact:  # lossless files: both paths use the same decoded pixels and the same resize
-        assert max(d.max().item() for d in diffs) < 1e-6
-
-
-@functools.cache
-def footwear_photos(n: int) -> list[bytes]:
-    out = []
-    with tarfile.open(FOOTWEAR_TAR) as tar:
-        for member in tar:
-            if member.isfile() and member.name.lower().endswith(".jpg"):
-                out.append(tar.extractfile(member).read())
-                if len(out) == n:
-                    return out
-    return out
-
-
-# Fashion-MNIST PNGs are 28x28: (20, 20) shrinks (OpenCV INTER_AREA, non-integer factor), (64, 48) enlarges.
-@pytest.mark.parametrize("size", [(20, 20), (14, 14), (64, 48)], ids=["shrink-1.4x", "shrink-2x", "enlarge"])
-@pytest.mark.parametrize("in_chans,norm", [(1, GRAY), (3, RGB)], ids=["gray", "rgb"])
-def test_eval_preset_matches_the_worker_on_fashion_mnist_pngs(size, in_chans, norm):
-    files = [p.read_bytes() for p in example_files()]
-    assert files, "examples/images is empty"
-    assert_same_as_worker(files, size, in_chans, norm, exact=True)
-
-
-@pytest.mark.parametrize("size", [(51, 68), (71, 95), (224, 224)], ids=["shrink-2x", "shrink-1.4x", "enlarge"])
-def test_eval_preset_matches_the_worker_on_jpeg_photos(size):
-    assert_same_as_worker([photo_jpeg(seed) for seed in range(8)], size, 3, RGB)
-
-
-@pytest.mark.shared
-@pytest.mark.skipif(not FOOTWEAR_TAR.exists(), reason="../shared/data footwear photos not present (a user's clone)")
-@pytest.mark.parametrize("size", [(51, 68), (71, 95), (224, 224)], ids=["shrink-2x", "shrink-1.4x", "enlarge"])
-@pytest.mark.parametrize("in_chans,norm", [(1, GRAY), (3, RGB)], ids=["gray", "rgb"])
-def test_eval_preset_matches_the_worker_on_footwear_photos(size, in_chans, norm):
-    assert_same_as_worker(footwear_photos(20), size, in_chans, norm)
-
-
-def _rgba_png() -> bytes:
-    bgra = np.full((60, 90, 4), 255, np.uint8)
-    cv2.rectangle(bgra, (5, 5), (40, 30), (10, 30, 200, 255), -1)
-    bgra[:, :, 3] = np.linspace(0, 255, 90, dtype=np.uint8)[None, :]  # fades from transparent to opaque
-    ok, buf = cv2.imencode(".png", bgra)
-    assert ok
-    return buf.tobytes()
-
-
-def _rotated_jpeg() -> bytes:
-    rgb = np.full((60, 90, 3), 255, np.uint8)
-    cv2.rectangle(rgb, (5, 5), (40, 30), (200, 30, 10), -1)
-    im = Image.fromarray(rgb)
-    exif = im.getexif()
-    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", exif=exif, quality=95)
-    return buf.getvalue()
-
-
-def _gray16_png() -> bytes:
-    ok, buf = cv2.imencode(".png", (np.arange(60 * 90).reshape(60, 90) * 12).astype(np.uint16))
-    assert ok
-    return buf.tobytes()
-
-
-@pytest.mark.parametrize("make", [_rgba_png, _rotated_jpeg, _gray16_png], ids=["rgba-png", "exif-jpeg", "16bit-png"])
-@pytest.mark.parametrize("in_chans,norm", [(1, GRAY), (3, RGB)], ids=["gray", "rgb"])
-def test_eval_preset_brings_pil_images_to_the_workers_mode(make, in_chans, norm):
-    # transparency onto white, EXIF orientation, 16 -> 8 bits: as decode_image does
-    assert_same_as_worker([make()], (40, 30), in_chans, norm)
-
-
-def test_eval_preset_takes_uint8_tensors_and_crops_the_centre():
-    data = photo_jpeg(3)
-    full = torch.from_numpy(decode_image(data, size=(102, 136))).permute(2, 0, 1)  # (3, 102, 136) uint8
-    from_pil = eval_tensor(data, (51, 68), 3, *RGB)
-    assert torch.equal(eval_preset((51, 68), *RGB)(full), from_pil)
-
-    cropped = eval_preset((56, 56), *RGB, crop_fraction=0.875)(full)  # resize to 64x64, keep the centre 56x56
-    assert torch.equal(cropped, eval_preset((64, 64), *RGB)(full)[:, 4:60, 4:60])
-    with pytest.raises(ConfigError, match="crop_fraction"):
-        eval_preset((56, 56), *RGB, crop_fraction=0.0)
+def test_training_evaluates_with_the_workers_preprocessing():
+    """Validation, calibration and test in training (and ``invsort evaluate``) see what the worker's model sees:
+    the same decoded pixels (pipeline.io.folders.load_images) and the same normalisation and logits
+    (pipeline.training.loop.predict_logits vs. the worker's Predictor on decode_image of the same bytes)."""
+    mf = load_model_file("bundled:fashion_mnist_cnn")
+    _, samples = scan_folder(EXAMPLES)
+    arrays = load_images(samples, size=mf.input_size, in_chans=mf.in_chans)
+    assert not arrays.failed and arrays.paths == [p for p, _ in samples]
+    worker_pixels = np.stack([decode_image(Path(p).read_bytes(), size=mf.input_size, in_chans=mf.in_chans)
+                              for p in arrays.paths])
+    assert np.array_equal(arrays.images, worker_pixels)
+    c = mf.in_chans
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, c, 1, 1) for v in (mf.mean, mf.std))
+    ours = predict_logits(mf.build(), arrays.images, mean, std, batch_size=16)
+    worker = Predictor(mf, PredictorOptions(device="cpu")).predict_logits(torch.from_numpy(worker_pixels))
+    assert ours.shape == worker.shape == (50, mf.num_classes)
+    assert torch.allclose(ours, worker, atol=1e-4)
 
 
 def _uint8_chw(data: bytes, size, in_chans) -> torch.Tensor:
@@ -159,12 +74,12 @@ def test_train_preset_is_reproducible_under_a_seed(in_chans):
 
 def test_presets_pickle_for_dataloader_worker_processes():
     img = _uint8_chw(photo_jpeg(1), (102, 136), 3)
-    for tr in (train_preset((102, 136), *RGB), eval_preset((102, 136), *RGB)):
-        clone = pickle.loads(pickle.dumps(tr))  # noqa: S301 - bytes this test just made
-        torch.manual_seed(3)
-        a = tr(img)
-        torch.manual_seed(3)
-        assert torch.equal(clone(img), a)
+    tr = train_preset((102, 136), *RGB)
+    clone = pickle.loads(pickle.dumps(tr))  # noqa: S301 - bytes this test just made
+    torch.manual_seed(3)
+    a = tr(img)
+    torch.manual_seed(3)
+    assert torch.equal(clone(img), a)
 
 
 def test_unknown_policy_lists_the_valid_ones():

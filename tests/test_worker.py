@@ -255,13 +255,14 @@ def test_worker_refuses_a_pickle_task_message_without_deserialising_it(pg_url, s
     worker = start_worker(env, "w", log)
     try:
         wait_for(job_done(pg_url, job_id), 60, "the JSON task queued after the pickle one is done", (log,))
+        assert not marker.exists(), "the worker unpickled the message"  # it took the pickle one first (FIFO)
         wait_for(lambda: "Refusing to deserialize" in log.read_text(), 10, "the refusal is logged", (log,))
     finally:
         stop_worker(worker)
     text = log.read_text()
     assert "Refusing to deserialize untrusted content of type pickle (application/x-python-serialize)" in text
     assert f"[{sent.id}] received" not in text  # never became a task request
-    assert not marker.exists()  # never unpickled
+    assert not marker.exists()
     assert client.llen("invsort") == 0 and client.hlen("unacked") == 0  # discarded, not waiting for redelivery
     with session_scope(pg_url) as session:
         assert all(r.item_id != item_id for r in iter_items(session=session))

@@ -118,14 +118,13 @@ def sort(source: str, model: str | None, database_url: str | None, batch_size: i
       invsort sort examples/images
       invsort sort ./photos --model shoes.pt --db postgresql://user@host/catalog
     """
-    from tqdm import tqdm
-
     from db.migrate import upgrade
+    from pipeline.progress import progress
     from pipeline.sorting import sort_source
 
     settings = _settings(database_url=database_url, batch_size=batch_size, device=device)
     upgrade(settings.database_url)
-    bar = tqdm(desc="sorting", unit="img", disable=no_progress, total=limit, dynamic_ncols=True)
+    bar = progress(desc="sorting", unit="img", disable=no_progress, total=limit)  # log lines when not a terminal
     outcome = sort_source(source, settings=settings, model_spec=model, limit=limit,
                           on_progress=lambda rows: bar.update(len(rows)))
     bar.close()
@@ -175,18 +174,16 @@ def submit(source: str, model: str | None, wait: bool, limit: int | None, items_
 
 
 def _wait(job_id: str, url: str, total: int, poll_s: float = 0.5) -> bool:
-    from tqdm import tqdm
-
     from db.catalog import get_job
     from db.session import session_scope
+    from pipeline.progress import progress
 
-    bar = tqdm(total=total, desc="sorting", unit="img", dynamic_ncols=True)
+    bar = progress(total=total, desc="sorting", unit="img")
     while True:
         with session_scope(url) as session:
             job = get_job(session=session, job_id=job_id)
         assert job is not None
-        bar.n = job.processed
-        bar.refresh()
+        bar.update(job.processed - bar.n)
         if job.status in ("done", "failed"):
             bar.close()
             click.echo(_job_line(job))

@@ -6,7 +6,7 @@ Peers (each runs in its own Python process, so one peer's memory and warm caches
     :meth:`Predictor.predict_probs` on a uint8 batch already in memory: the ceiling for this model and runtime.
 ``decode_only``
     read + :func:`~pipeline.io.images.decode_image` + stack + :func:`~pipeline.io.images.to_model_input`, in the
-    pipeline's own thread pool (:func:`~pipeline.inference.predictor.run_pipeline` with the forward pass left out).
+    pipeline's own thread pool (:func:`~pipeline.inference.streaming.run_pipeline` with the forward pass left out).
 ``naive``
     one image at a time: PIL open -> torchvision ``Resize, ToTensor, Normalize`` -> model -> argmax.
 ``ray``
@@ -54,7 +54,8 @@ from typing import Any, TextIO
 import psutil
 
 from pipeline.errors import ConfigError, InvsortError, SourceError
-from pipeline.io.storage import iter_source, local_path, make_reader
+from pipeline.io.sources import iter_source
+from pipeline.io.storage import local_path, make_reader
 from pipeline.records import Item
 from pipeline.settings import Settings
 
@@ -276,14 +277,15 @@ def peer_model_only(spec: dict[str, Any]) -> dict[str, Any]:
     """Forward passes of ``spec["images"]`` images in batches, from one random uint8 batch in memory."""
     import torch
 
-    from pipeline.inference.predictor import Predictor
+    from pipeline.inference.predictor import Predictor, PredictorOptions
     from pipeline.models.modelfile import load_model_file
 
     settings = _peer_settings(spec)
     threads = _set_threads(spec["threads"])
     mf = load_model_file(spec["model"])
-    predictor = Predictor(mf, device="cpu", runtime=settings.runtime, runtime_cache_dir=settings.runtime_cache_dir,
-                          cpu_streams=settings.cpu_streams, cpu_microbatch=settings.cpu_microbatch)
+    options = PredictorOptions(device="cpu", runtime=settings.runtime, runtime_cache_dir=settings.runtime_cache_dir,
+                               cpu_streams=settings.cpu_streams, cpu_microbatch=settings.cpu_microbatch)
+    predictor = Predictor(mf, options)
     n, b = spec["images"], spec["batch_size"]
     h, w = mf.input_size
     gen = torch.Generator().manual_seed(0)
@@ -293,6 +295,7 @@ def peer_model_only(spec: dict[str, Any]) -> dict[str, Any]:
     for first in range(0, n, b):
         predictor.predict_probs(batch[: min(b, n - first)])
         arrivals.append(time.perf_counter())
+    predictor.close()
     return {**_figures(n, start, arrivals), "model": _model_info(mf),
             "config": {"runtime": settings.runtime, "device": "cpu", "torch_threads": threads, "batch_size": b,
                        "cpu_streams": predictor.cpu_streams, "cpu_microbatch": predictor.cpu_microbatch,
@@ -303,7 +306,8 @@ def peer_decode_only(spec: dict[str, Any]) -> dict[str, Any]:
     """The pipeline's fetch + decode + normalise, threaded as in production, without the forward pass."""
     import torch
 
-    from pipeline.inference.predictor import Predictor, run_pipeline
+    from pipeline.inference.predictor import Predictor, PredictorOptions
+    from pipeline.inference.streaming import run_pipeline
     from pipeline.io.images import to_model_input
     from pipeline.models.modelfile import load_model_file
 
@@ -317,7 +321,7 @@ def peer_decode_only(spec: dict[str, Any]) -> dict[str, Any]:
 
     settings = _peer_settings(spec)
     mf = load_model_file(spec["model"])
-    predictor = NormaliseOnly(mf, device="cpu")
+    predictor = NormaliseOnly(mf, PredictorOptions(device="cpu"))
     items = _items(spec)
     reader = make_reader(settings, extra_roots=[Path(os.path.realpath(spec["source"]))])
     arrivals: list[float] = []
@@ -332,6 +336,7 @@ def peer_decode_only(spec: dict[str, Any]) -> dict[str, Any]:
     summary = run_pipeline(items, predictor=predictor, reader=reader, on_batch=on_batch,
                            batch_size=spec["batch_size"], decode_threads=settings.decode_threads,
                            max_pixels=settings.max_image_pixels)
+    predictor.close()
     return {**_figures(summary.images, start, arrivals), "failed": failed, "model": _model_info(mf),
             "config": {"decode_threads": settings.decode_threads, "batch_size": spec["batch_size"],
                        "decoder": "OpenCV (pipeline.io.images.decode_image) + to_model_input, run_pipeline's pool"}}
@@ -376,11 +381,11 @@ class _RayClassifier:
     def __init__(self, model_spec: str, threads: int, decode: bool, runtime: str):
         import torch
 
-        from pipeline.inference.predictor import Predictor
+        from pipeline.inference.predictor import Predictor, PredictorOptions
         from pipeline.models.modelfile import load_model_file
 
         torch.set_num_threads(threads)
-        self.predictor = Predictor(load_model_file(model_spec), device="cpu", runtime=runtime)
+        self.predictor = Predictor(load_model_file(model_spec), PredictorOptions(device="cpu", runtime=runtime))
         self.decode = decode
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -653,7 +658,7 @@ def run_bench(
     """Run the chosen peers one after the other, each in its own process, on the first ``limit`` images.
 
     Args:
-        source: a local folder, walked recursively (:func:`pipeline.io.storage.iter_source`'s order).
+        source: a local folder, walked recursively (:func:`pipeline.io.sources.iter_source`'s order).
         model_spec: a model file path or ``bundled:NAME``.
         limit: how many images (None: all).
         batch_size: images per batch for every batched peer (1..4096).

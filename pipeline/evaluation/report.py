@@ -1,8 +1,9 @@
-"""Model evaluation on a labelled folder-per-category tree: metrics, a JSON + Markdown report and plots.
+"""Model evaluation on a labelled folder-per-category tree: a JSON + Markdown report and plots.
 
-Metrics come from scikit-learn; the expected calibration error follows Guo et al. 2017, "On Calibration of
-Modern Neural Networks" (ICML), with 15 equal-width confidence bins. Plots use matplotlib's Agg backend
-(no display needed).
+Metrics are :mod:`pipeline.evaluation.metrics` (scikit-learn; the expected calibration error of Guo et al. 2017
+with 15 bins) and :func:`pipeline.evaluation.calibration.selective_scores` at the model's review threshold.
+Images are read with :func:`pipeline.io.folders.load_images`, the loader training uses. Plots use matplotlib's
+Agg backend (no display needed).
 """
 
 from __future__ import annotations
@@ -10,118 +11,37 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.errors import ConfigError, ImageError
+from pipeline.errors import ConfigError
 from pipeline.evaluation.calibration import coverage_precision_curve, selective_scores
-from pipeline.io.images import decode_image
+from pipeline.evaluation.metrics import compute_metrics
+from pipeline.io.files import atomic_path, atomic_write_text
+from pipeline.io.folders import Arrays, load_images, scan_folder
+from pipeline.progress import progress as progress_display
 
 log = logging.getLogger(__name__)
 
-ECE_BINS = 15
 MAX_ERROR_IMAGES = 16
 
 
-def expected_calibration_error(
-    confidences: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS
-) -> tuple[float, list[dict[str, float]]]:
-    """Expected calibration error and the reliability-diagram bins.
-
-    Source: Guo, Pleiss, Sun, Weinberger 2017, "On Calibration of Modern Neural Networks", eq. (3):
-    ``ECE = sum_m |B_m| / n * |acc(B_m) - conf(B_m)|`` over ``n_bins`` equal-width bins of (0, 1],
-    bin m holding the samples with confidence in ``((m-1)/M, m/M]``.
-
-    Args:
-        confidences: ``(N,)`` float, the top-1 probability of each sample, in 0..1.
-        correct: ``(N,)`` bool, whether the top-1 prediction was right.
-        n_bins: number of equal-width bins.
+def load_labelled(
+    data_dir: Path, model_classes: list[str], size: tuple[int, int], in_chans: int, *, progress: bool = False
+) -> Arrays:
+    """Every image of a folder-per-category tree decoded at ``size`` (``(H, W)`` px) with
+    :func:`pipeline.io.folders.load_images`; labels are indices into ``model_classes``.
 
     Returns:
-        ``(ece, bins)``: ece in 0..1 (0.0 for N = 0); bins is one dict per bin with ``lower``, ``upper``,
-        ``count``, ``accuracy`` and ``confidence`` (the last two are NaN-free: 0.0 for an empty bin).
-    """
-    confidences = np.asarray(confidences, dtype=np.float64)
-    correct = np.asarray(correct, dtype=bool)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    # right=True puts c in bin m when edges[m-1] < c <= edges[m]; confidence 0 goes to the first bin.
-    idx = np.clip(np.digitize(confidences, edges[1:-1], right=True), 0, n_bins - 1)
-    n = max(len(confidences), 1)
-    ece, bins = 0.0, []
-    for m in range(n_bins):
-        sel = idx == m
-        count = int(sel.sum())
-        acc = float(correct[sel].mean()) if count else 0.0
-        conf = float(confidences[sel].mean()) if count else 0.0
-        ece += count / n * abs(acc - conf)
-        bins.append({"lower": float(edges[m]), "upper": float(edges[m + 1]), "count": count,
-                     "accuracy": acc, "confidence": conf})
-    return float(ece), bins
-
-
-def compute_metrics(
-    y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray, class_names: Sequence[str]
-) -> dict[str, Any]:
-    """Classification metrics for predictions against labels.
-
-    Args:
-        y_true: ``(N,)`` int, true class indices into ``class_names``.
-        y_pred: ``(N,)`` int, predicted class indices.
-        probs: ``(N, K)`` float, class probabilities (rows sum to 1); the top-1 confidence for calibration is
-            ``probs[i, y_pred[i]]``.
-        class_names: the K class names, index order.
-
-    Returns:
-        A JSON-serialisable dict: ``accuracy`` (top-1, 0..1), ``n``, ``per_class`` (name → precision, recall,
-        f1, support, accuracy; per-category accuracy is the recall), ``macro_avg`` and ``weighted_avg``
-        (precision, recall, f1), ``confusion_matrix`` (K x K list of ints, rows = true, columns = predicted),
-        ``ece`` (Guo et al. 2017, 15 bins) and ``reliability`` (the bins, see
-        :func:`expected_calibration_error`). Classes without samples get 0.0 where a ratio is undefined.
+        :class:`pipeline.io.folders.Arrays`: images ``(N, H, W, in_chans)`` uint8, labels ``(N,)`` int64, paths,
+        and ``failed`` ``(path, reason)`` for files that could not be read or decoded.
 
     Raises:
-        ValueError: shapes that do not fit together.
+        ConfigError: a folder that is not one of ``model_classes`` (the message lists them).
+        SourceError: ``data_dir`` missing or with fewer than two category folders.
     """
-    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
-
-    y_true = np.asarray(y_true, dtype=np.int64)
-    y_pred = np.asarray(y_pred, dtype=np.int64)
-    probs = np.asarray(probs, dtype=np.float64)
-    k = len(class_names)
-    if y_true.shape != y_pred.shape or y_true.ndim != 1 or probs.shape != (len(y_true), k):
-        raise ValueError(
-            f"shapes do not fit: y_true {y_true.shape}, y_pred {y_pred.shape}, probs {probs.shape}, {k} classes"
-        )
-    labels = list(range(k))
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-    avgs = {}
-    for avg in ("macro", "weighted"):
-        ap, ar, af, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=avg,
-                                                        zero_division=0)
-        avgs[f"{avg}_avg"] = {"precision": float(ap), "recall": float(ar), "f1": float(af)}
-    cm = confusion_matrix(y_true, y_pred, labels=labels) if len(y_true) else np.zeros((k, k), dtype=np.int64)
-    conf = probs[np.arange(len(y_pred)), y_pred] if len(y_pred) else np.zeros(0)
-    ece, bins = expected_calibration_error(conf, y_true == y_pred)
-    return {
-        "n": int(len(y_true)),
-        "accuracy": float(accuracy_score(y_true, y_pred)) if len(y_true) else 0.0,
-        "per_class": {
-            name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i]),
-                   "accuracy": float(r[i])}
-            for i, name in enumerate(class_names)
-        },
-        **avgs,
-        "confusion_matrix": cm.astype(int).tolist(),
-        "ece": ece,
-        "reliability": bins,
-    }
-
-
-def _load_images(data_dir: Path, model_classes: list[str], size: tuple[int, int], in_chans: int):
-    from pipeline.io.folders import scan_folder
-
     folders, samples = scan_folder(data_dir)
     unknown = [f for f in folders if f not in model_classes]
     if unknown:
@@ -130,21 +50,13 @@ def _load_images(data_dir: Path, model_classes: list[str], size: tuple[int, int]
             f"the model's classes: {', '.join(model_classes)}"
         )
     to_model = [model_classes.index(f) for f in folders]
-    images, labels, paths, bad = [], [], [], []
-    for path, label in samples:
-        try:
-            img = decode_image(Path(path).read_bytes(), size=size, in_chans=in_chans)
-        except (ImageError, OSError) as exc:
-            bad.append({"path": path, "reason": str(exc)})
-            continue
-        images.append(img)
-        labels.append(to_model[label])
-        paths.append(path)
-    return images, np.asarray(labels, dtype=np.int64), paths, bad
+    return load_images([(p, to_model[y]) for p, y in samples], size=size, in_chans=in_chans, progress=progress,
+                       desc="decode")
 
 
 def evaluate(
-    model_spec: str, data_dir: str | Path, out_dir: str | Path, *, batch_size: int = 128, device: str = "cpu"
+    model_spec: str, data_dir: str | Path, out_dir: str | Path, *, batch_size: int = 128, device: str = "cpu",
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a model on a labelled folder-per-category tree and write a report.
 
@@ -152,9 +64,10 @@ def evaluate(
     decoded are counted and listed with their reason, not fatal. Folder names must be class names of the
     model (a subset is fine).
 
-    Writes into ``out_dir``: ``report.json`` (the metrics of :func:`compute_metrics` plus model name/version
-    and counts), ``report.md``, ``confusion_matrix.png``, ``reliability.png``, ``most_confident_errors.png``
-    and ``training_curves.png`` (only when the model file has ``info["history"]``).
+    Writes into ``out_dir`` (each file atomically): ``report.json`` (the metrics of
+    :func:`pipeline.evaluation.metrics.compute_metrics` plus model name/version and counts), ``report.md``,
+    ``confusion_matrix.png``, ``reliability.png``, ``coverage_precision.png``, ``most_confident_errors.png`` and
+    ``training_curves.png`` (only when the model file has ``info["history"]``).
 
     Args:
         model_spec: model file path, ``s3://`` URI or ``bundled:NAME``.
@@ -162,6 +75,7 @@ def evaluate(
         out_dir: report folder (created).
         batch_size: images per forward pass.
         device: ``auto``, ``cpu`` or ``cuda``.
+        progress: show progress (:func:`pipeline.progress.progress`: a bar on a terminal, log lines elsewhere).
 
     Returns:
         The report dict written to ``report.json``.
@@ -171,56 +85,75 @@ def evaluate(
         SourceError: ``data_dir`` missing or with fewer than two category folders.
         FileNotFoundError, ModelFileError: from loading the model file.
     """
-    import torch
-
-    from pipeline.inference.predictor import Predictor
+    from pipeline.inference.predictor import Predictor, PredictorOptions
     from pipeline.models.modelfile import load_model_file
 
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     mf = load_model_file(model_spec)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    images, y_true, paths, bad = _load_images(data_dir, list(mf.class_names), mf.input_size, mf.in_chans)
-    if not images:
-        raise ConfigError(f"no decodable image in {data_dir} ({len(bad)} failed)")
-    predictor = Predictor(mf, device=device)
-    stacked = np.stack(images)
-    probs = np.concatenate([
-        predictor.predict_probs(torch.from_numpy(stacked[i : i + batch_size])).numpy()
-        for i in range(0, len(stacked), batch_size)
-    ])
-    y_pred = probs.argmax(axis=1)
+    data = load_labelled(data_dir, list(mf.class_names), mf.input_size, mf.in_chans, progress=progress)
+    if not len(data.labels):
+        raise ConfigError(f"no decodable image in {data_dir} ({len(data.failed)} failed)")
+    probs = _predict_probs(Predictor(mf, PredictorOptions(device=device)), data.images, batch_size, progress=progress)
+    y_true, y_pred = data.labels, probs.argmax(axis=1)
     metrics = compute_metrics(y_true, y_pred, probs, mf.class_names)
     metrics["at_threshold"] = selective_scores(probs, y_true, mf.review_threshold)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    history = mf.info.get("history") or []
     report: dict[str, Any] = {
         "model": {"name": mf.name, "version": mf.version, "arch": mf.arch, "temperature": mf.temperature,
                   "review_threshold": mf.review_threshold},
         "data_dir": str(data_dir),
-        "images_found": len(images) + len(bad),
-        "images_evaluated": len(images),
-        "images_failed": len(bad),
-        "failed_images": bad,
+        "images_found": len(data.labels) + len(data.failed),
+        "images_evaluated": len(data.labels),
+        "images_failed": len(data.failed),
+        "failed_images": [{"path": p, "reason": r} for p, r in data.failed],
         **metrics,
-        "plots": [],
+        "plots": _plot_all(data.images, y_true, probs, metrics, mf.class_names, mf.review_threshold,
+                           mf.info.get("history") or [], out_dir),
     }
-    _plot_confusion(metrics, mf.class_names, out_dir / "confusion_matrix.png")
-    _plot_reliability(metrics, out_dir / "reliability.png")
-    _plot_errors(stacked, y_true, y_pred, probs, mf.class_names, out_dir / "most_confident_errors.png")
-    _plot_coverage(probs.max(axis=1), y_pred == y_true, mf.review_threshold, out_dir / "coverage_precision.png")
-    report["plots"] = ["confusion_matrix.png", "reliability.png", "coverage_precision.png",
-                       "most_confident_errors.png"]
-    if history:
-        _plot_history(history, out_dir / "training_curves.png")
-        report["plots"].append("training_curves.png")
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "report.md").write_text(_markdown(report, mf.class_names))
+    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out_dir / "report.md", _markdown(report, mf.class_names))
     return report
 
 
-def _pyplot():
+def _predict_probs(predictor: Any, images: np.ndarray, batch_size: int, *, progress: bool) -> np.ndarray:
+    """``(N, K)`` float32 calibrated probabilities of ``(N, H, W, C)`` uint8 images, ``batch_size`` at a time."""
+    import torch
+
+    starts = range(0, len(images), batch_size)
+    return np.concatenate([
+        predictor.predict_probs(torch.from_numpy(images[i : i + batch_size])).numpy()
+        for i in progress_display(starts, desc="evaluate", unit="batch", disable=not progress)
+    ])
+
+
+def _plot_all(
+    images: np.ndarray, y_true: np.ndarray, probs: np.ndarray, metrics: dict[str, Any], class_names: list[str],
+    threshold: float, history: list[dict], out_dir: Path,
+) -> list[str]:
+    """Write the report's plots into ``out_dir``; returns their file names."""
+    y_pred = probs.argmax(axis=1)
+    _plot_confusion(metrics, class_names, out_dir / "confusion_matrix.png")
+    _plot_reliability(metrics, out_dir / "reliability.png")
+    _plot_errors(images, y_true, y_pred, probs, class_names, out_dir / "most_confident_errors.png")
+    _plot_coverage(probs.max(axis=1), y_pred == y_true, threshold, out_dir / "coverage_precision.png")
+    plots = ["confusion_matrix.png", "reliability.png", "coverage_precision.png", "most_confident_errors.png"]
+    if history:
+        _plot_history(history, out_dir / "training_curves.png")
+        plots.append("training_curves.png")
+    return plots
+
+
+def _save_figure(plt: Any, fig: Any, path: Path) -> None:
+    """Write ``fig`` to ``path`` as a 100-dpi PNG atomically, then close it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,8 +172,7 @@ def _plot_confusion(metrics: dict, class_names: list[str], path: Path) -> None:
         ax=ax, cmap="Blues", xticks_rotation=45, colorbar=False)
     ax.set_title(f"Confusion matrix (top-1 accuracy {metrics['accuracy']:.3f}, n={metrics['n']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(plt, fig, path)
 
 
 def _plot_reliability(metrics: dict, path: Path) -> None:
@@ -255,8 +187,7 @@ def _plot_reliability(metrics: dict, path: Path) -> None:
            title=f"Reliability diagram (ECE {metrics['ece']:.4f}, {len(bins)} bins)")
     ax.legend(loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(plt, fig, path)
 
 
 def _plot_coverage(confidence: np.ndarray, correct: np.ndarray, threshold: float, path: Path) -> None:
@@ -276,8 +207,7 @@ def _plot_coverage(confidence: np.ndarray, correct: np.ndarray, threshold: float
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(plt, fig, path)
 
 
 def _plot_history(history: list[dict], path: Path) -> None:
@@ -296,8 +226,7 @@ def _plot_history(history: list[dict], path: Path) -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(plt, fig, path)
 
 
 def _plot_errors(images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray,
@@ -320,8 +249,7 @@ def _plot_errors(images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, pro
         axes.flat[0].text(0.5, 0.5, "no errors", ha="center", va="center")
     fig.suptitle(f"Most confident errors ({len(worst)} of {len(wrong)})")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(plt, fig, path)
 
 
 def _markdown(report: dict, class_names: list[str]) -> str:

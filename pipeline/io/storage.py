@@ -1,4 +1,4 @@
-"""Where image bytes come from: local files under configured roots, S3 objects, and source listings.
+"""Where image bytes come from: local files under configured roots, and S3 objects.
 
 URIs
     Local files are ``file:///abs/path`` URIs as written by :meth:`pathlib.Path.as_uri` (percent-encoded;
@@ -6,13 +6,10 @@ URIs
     percent-encoded, as the AWS CLI writes them (a key may contain spaces, ``?``, ``#`` or ``%``).
 
 Storages
-    :class:`LocalStorage` and :class:`S3Storage` implement :class:`Storage` (``read`` and ``list``);
+    :class:`LocalStorage` and :class:`S3Storage` read, list and stream the lines of objects;
     :class:`ObjectReader` dispatches on the URI scheme and creates the S3 client only on first S3 use,
-    so local-only runs never look for AWS credentials. Build one with :func:`make_reader`.
-
-Sources
-    :func:`iter_source` streams the :class:`~pipeline.records.Item` s of a job from a local directory,
-    an S3 prefix or a ``.csv`` / ``.jsonl`` manifest (local or on S3).
+    so local-only runs never look for AWS credentials. Build one with :func:`make_reader`. Job sources
+    (directories, prefixes, manifests) are listed through an :class:`ObjectReader` by :mod:`pipeline.io.sources`.
 
 Errors raised here are builtin ``OSError`` subclasses (``FileNotFoundError``, ``PermissionError``,
 ``OSError``), :class:`~pipeline.errors.SourceError`, or :class:`TooLargeError`; no botocore exception
@@ -21,22 +18,17 @@ type leaves this module.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
-import posixpath
 import re
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote_to_bytes
 
 from pipeline.errors import ConfigError, ImageError, SourceError
-from pipeline.records import Item
 
 if TYPE_CHECKING:
     from pipeline.settings import Settings
@@ -44,30 +36,22 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "IMAGE_SUFFIXES",
-    "MANIFEST_SUFFIXES",
     "LocalStorage",
     "ObjectReader",
     "S3Storage",
-    "Storage",
     "TooLargeError",
     "is_image_name",
-    "iter_manifest",
-    "iter_source",
     "local_path",
     "make_reader",
     "parse_s3_uri",
-    "to_uri",
+    "uri_scheme",
 ]
 
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
-MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson")
 ROOTS_SETTING = "INVSORT_LOCAL_ROOTS"
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
-_VALID_SOURCES = (
-    "a local directory, file://DIR, s3://bucket/prefix, or a .csv/.jsonl manifest (local path or s3:// URI)"
-)
 
 
 class TooLargeError(ImageError):
@@ -81,7 +65,7 @@ class TooLargeError(ImageError):
 # --------------------------------------------------------------------------------------------- URIs
 
 
-def _scheme(uri: str) -> str | None:
+def uri_scheme(uri: str) -> str | None:
     """The lower-cased scheme of ``scheme://...`` (or ``file:/...``), None for a plain path."""
     m = _SCHEME_RE.match(uri)
     if m:
@@ -110,7 +94,7 @@ def local_path(uri: str) -> Path:
     Raises:
         SourceError: ``uri`` has another scheme, or a ``file://`` URI names a host other than localhost.
     """
-    scheme = _scheme(uri)
+    scheme = uri_scheme(uri)
     if scheme is None:
         return Path(os.path.abspath(uri))
     if scheme != "file":
@@ -126,45 +110,18 @@ def local_path(uri: str) -> Path:
     return Path(os.path.abspath(os.fsdecode(unquote_to_bytes(rest))))
 
 
-def to_uri(path_or_uri: str) -> str:
-    """A URI for ``path_or_uri``: URIs (``scheme://...``) unchanged, a plain path its ``file://`` URI.
-
-    Plain paths are made absolute with :func:`os.path.abspath` first and percent-encoded by
-    :meth:`Path.as_uri`.
-    """
-    if _scheme(path_or_uri) is not None:
-        return path_or_uri
-    return Path(os.path.abspath(path_or_uri)).as_uri()
-
-
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """``(bucket, key)`` of ``s3://bucket/key``; the key is raw (no percent-decoding) and may be empty.
 
     Raises:
         SourceError: not an ``s3://`` URI, or no bucket name.
     """
-    if _scheme(uri) != "s3":
+    if uri_scheme(uri) != "s3":
         raise SourceError(f"not an s3:// URI: {uri!r}")
     bucket, _, key = uri[len("s3://") :].partition("/")
     if not bucket:
         raise SourceError(f"S3 URI {uri!r} has no bucket: use s3://bucket/key")
     return bucket, key
-
-
-# ------------------------------------------------------------------------------------------ protocol
-
-
-@runtime_checkable
-class Storage(Protocol):
-    """Something image bytes can be read from and listed in."""
-
-    def read(self, uri: str) -> bytes:
-        """The whole content of the object at ``uri``."""
-        ...
-
-    def list(self, prefix_uri: str) -> Iterator[str]:
-        """Stream the URIs of the image objects under ``prefix_uri``, in a deterministic order."""
-        ...
 
 
 # --------------------------------------------------------------------------------------------- local
@@ -240,22 +197,44 @@ class LocalStorage:
             raise TooLargeError(f"file is more than the limit of {self.max_bytes} bytes: {path}")
         return data
 
-    def open_text(self, uri: str, *, newline: str | None = None) -> io.TextIOWrapper:
-        """The file at ``uri`` opened for reading as UTF-8 text (a leading BOM is dropped); no size limit.
+    def kind(self, uri: str) -> Literal["directory", "file"] | None:
+        """What is at ``uri`` (a ``file://`` URI or a plain path): ``directory``, ``file`` (anything else that
+        exists) or None (nothing).
 
         Raises:
             PermissionError: outside the roots.
+            SourceError: ``uri`` is not a local URI.
+        """
+        real = self.check(local_path(uri))
+        if not os.path.exists(real):
+            return None
+        return "directory" if os.path.isdir(real) else "file"
+
+    def iter_lines(self, uri: str) -> Iterator[bytes]:
+        """Stream the lines of the file at ``uri``, endings kept; no size limit. Lines end at ``\\n``,
+        ``\\r\\n`` or ``\\r`` (as :meth:`S3Storage.iter_lines` splits them).
+
+        The roots are checked when this is called; the file is opened on the first ``next()`` and closed
+        when the iterator is exhausted or closed.
+
+        Raises:
+            PermissionError: outside the roots (at call time).
             FileNotFoundError: ``no such file: PATH``.
             IsADirectoryError: the path is a directory.
         """
         path = local_path(uri)
-        real = self.check(path)
+        return self._lines(self.check(path), path)
+
+    @staticmethod
+    def _lines(real: str, path: Path) -> Iterator[bytes]:
         try:
-            return open(real, encoding="utf-8-sig", newline=newline)  # noqa: SIM115
+            f = open(real, "rb")  # noqa: SIM115 (closed below, when the generator ends)
         except FileNotFoundError:
             raise FileNotFoundError(f"no such file: {path}") from None
         except IsADirectoryError:
             raise IsADirectoryError(f"is a directory, not a file: {path}") from None
+        with f:
+            yield from _split_lines(iter(partial(f.read, 64 * 1024), b""))
 
     def list(self, prefix_uri: str) -> Iterator[str]:
         """Stream the ``file://`` URIs of the image files under a directory, recursively.
@@ -348,6 +327,18 @@ def _botocore_errors() -> tuple[type[Exception], ...]:
     from botocore.exceptions import BotoCoreError, ClientError
 
     return (ClientError, BotoCoreError)
+
+
+def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The lines of a stream of chunks, endings kept, split at ``\\n``, ``\\r\\n`` or ``\\r`` (a ``\\r\\n``
+    across two chunks is one ending)."""
+    pending = b""
+    for chunk in chunks:
+        lines = (pending + chunk).splitlines(keepends=True)
+        pending = lines.pop() if lines and not lines[-1].endswith(b"\n") else b""
+        yield from lines
+    if pending:
+        yield pending
 
 
 def _hidden(relative_key: str) -> bool:
@@ -538,7 +529,7 @@ class ObjectReader:
         Raises:
             SourceError: ``unsupported URI scheme ...`` for anything but ``file://``, ``s3://``, plain paths.
         """
-        scheme = _scheme(uri)
+        scheme = uri_scheme(uri)
         if scheme in (None, "file"):
             return self.local
         if scheme == "s3":
@@ -553,6 +544,20 @@ class ObjectReader:
     def list(self, prefix_uri: str) -> Iterator[str]:
         """Image URIs under ``prefix_uri`` (see :meth:`LocalStorage.list`, :meth:`S3Storage.list`)."""
         return self.storage_for(prefix_uri).list(prefix_uri)
+
+    def iter_lines(self, uri: str) -> Iterator[bytes]:
+        """The lines of the object at ``uri``, endings kept (see :meth:`LocalStorage.iter_lines`,
+        :meth:`S3Storage.iter_lines`)."""
+        return self.storage_for(uri).iter_lines(uri)
+
+    def local_kind(self, uri: str) -> Literal["directory", "file"] | None:
+        """What is at a local ``uri`` or path: see :meth:`LocalStorage.kind`.
+
+        Raises:
+            PermissionError: outside the local roots.
+            SourceError: not a local URI.
+        """
+        return self.local.kind(uri)
 
     def close(self) -> None:
         """Close the S3 client's connections, if one was created."""
@@ -584,238 +589,3 @@ def make_reader(settings: Settings | None = None, extra_roots: Sequence[Path] = 
     return ObjectReader(local, s3_factory=factory)
 
 
-# ------------------------------------------------------------------------------------------- sources
-
-
-def iter_source(source: str, reader: ObjectReader) -> Iterator[Item]:
-    """Stream the items of a source, never building a full list.
-
-    ``source`` is one of:
-
-    * a local directory (plain relative/absolute path, or ``file://`` URI): every image file in it,
-      recursively (see :meth:`LocalStorage.list`), ``item_id`` = the file's URI;
-    * ``s3://bucket/prefix``: every image object under the "directory" ``prefix/`` (a ``/`` is added
-      when missing; ``s3://bucket`` lists the whole bucket), ``item_id`` = the object's URI;
-    * a manifest, a local path or ``s3://`` URI ending in ``.csv``, ``.jsonl`` or ``.ndjson``: one item per
-      row, with columns/keys ``item_id`` and ``image_uri`` (see :func:`iter_manifest`).
-
-    Local checks (roots, existence, type) happen when this is called; S3 and manifest-row errors when
-    iterating.
-
-    Raises:
-        SourceError: ``source not found: PATH``; an unknown scheme or a file that is not a manifest
-            (the message lists the valid forms); a local source outside the local roots (the
-            ``PermissionError`` message of :class:`LocalStorage`, wrapped); a missing/forbidden S3
-            bucket or manifest object; a malformed manifest row or a duplicate ``item_id`` (naming the
-            manifest and line numbers).
-        OSError: an S3 or file system error that is not the user's to fix (network, I/O).
-    """
-    scheme = _scheme(source)
-    is_manifest = source.lower().endswith(MANIFEST_SUFFIXES)
-    if scheme == "s3":
-        bucket, key = parse_s3_uri(source)
-        try:
-            if is_manifest:
-                items = iter_manifest(source, reader)
-            else:
-                prefix = key if not key or key.endswith("/") else key + "/"
-                items = _items_from_uris(reader.s3.list(f"s3://{bucket}/{prefix}"))
-        except (FileNotFoundError, PermissionError) as exc:
-            raise SourceError(f"source {source}: {exc}") from exc
-        return _wrap_user_errors(items, source)
-    if scheme not in (None, "file"):
-        raise SourceError(f"unsupported URI scheme {scheme!r} in source {source!r}: use {_VALID_SOURCES}")
-
-    path = local_path(source)
-    try:
-        real = reader.local.check(path)
-    except PermissionError as exc:
-        raise SourceError(str(exc)) from exc
-    if not os.path.exists(real):
-        raise SourceError(f"source not found: {path}")
-    if os.path.isdir(real):
-        return _items_from_uris(reader.local.list(path.as_uri()))
-    if is_manifest:
-        return iter_manifest(path.as_uri(), reader)
-    raise SourceError(f"source {path} is a file but not a manifest: use {_VALID_SOURCES}")
-
-
-def _items_from_uris(uris: Iterable[str]) -> Iterator[Item]:
-    for uri in uris:
-        yield Item(item_id=uri, uri=uri)
-
-
-def _wrap_user_errors(items: Iterator[Item], source: str) -> Iterator[Item]:
-    """Turn a missing/forbidden S3 bucket or object, met while iterating, into SourceError."""
-    try:
-        yield from items
-    except (FileNotFoundError, PermissionError) as exc:
-        raise SourceError(f"source {source}: {exc}") from exc
-
-
-def iter_manifest(manifest_uri: str, reader: ObjectReader) -> Iterator[Item]:
-    """Stream the items of a ``.csv`` or ``.jsonl``/``.ndjson`` manifest (a local path/URI or ``s3://``).
-
-    CSV: a header row with ``item_id`` and ``image_uri`` (other columns ignored), UTF-8 with or without
-    BOM. JSON Lines: one object per line with those keys (``item_id`` a string or integer). Blank lines
-    are skipped; values are stripped. ``image_uri`` may be a ``file://`` or ``s3://`` URI, an absolute
-    path, or a path relative to the manifest's directory (local manifest: a local file; S3 manifest: an
-    object under the manifest's key prefix).
-
-    Raises:
-        SourceError: (naming the manifest and line) a missing header column, a row without ``item_id`` or
-            ``image_uri`` or with an empty one, bad JSON, invalid UTF-8, an ``image_uri`` with an
-            unsupported scheme, a duplicate ``item_id`` (both line numbers); or a suffix that is not a
-            manifest's.
-        PermissionError, FileNotFoundError, OSError: opening/reading the manifest (see the storages).
-    """
-    lower = manifest_uri.lower()
-    if not lower.endswith(MANIFEST_SUFFIXES):
-        raise SourceError(f"not a manifest (.csv, .jsonl or .ndjson): {manifest_uri}")
-    is_csv = lower.endswith(".csv")
-    if _scheme(manifest_uri) == "s3":
-        bucket, key = parse_s3_uri(manifest_uri)
-        resolve = partial(_resolve_s3_relative, bucket=bucket, base=posixpath.dirname(key))
-        name = manifest_uri
-        lines: Iterator[str] = _decode_lines(reader.s3.iter_lines(manifest_uri), name)
-    else:
-        path = local_path(manifest_uri)
-        resolve = partial(_resolve_local_relative, base=str(path.parent))
-        name = str(path)
-        lines = _local_lines(reader.local, manifest_uri, newline="" if is_csv else None, name=name)
-    rows = _csv_rows(lines, name) if is_csv else _jsonl_rows(lines, name)
-    return _manifest_items(rows, name, resolve)
-
-
-def _local_lines(local: LocalStorage, uri: str, *, newline: str | None, name: str) -> Iterator[str]:
-    """The text lines of a local manifest; the file is opened on the first ``next()``."""
-    with local.open_text(uri, newline=newline) as f:
-        lineno = 0
-        try:
-            for lineno, line in enumerate(f, 1):  # noqa: B007 (read in the except clause)
-                yield line
-        except UnicodeDecodeError as exc:
-            raise SourceError(f"manifest {name}: not valid UTF-8 after line {lineno}: {exc.reason}") from None
-
-
-def _decode_lines(lines: Iterator[bytes], name: str) -> Iterator[str]:
-    for lineno, raw in enumerate(lines, 1):
-        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]
-        try:
-            yield raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise SourceError(f"manifest {name}, line {lineno}: not valid UTF-8: {exc.reason}") from None
-
-
-def _csv_rows(lines: Iterator[str], name: str) -> Iterator[tuple[int, Any, Any]]:
-    """``(line number, item_id, image_uri)`` per CSV row; missing fields are None."""
-    reader = csv.reader(lines, strict=True)
-    header: list[str] | None = None
-    try:
-        for row in reader:
-            if not row or all(not c.strip() for c in row):
-                continue
-            if header is None:
-                header = [c.strip() for c in row]
-                missing = [c for c in ("item_id", "image_uri") if c not in header]
-                if missing:
-                    raise SourceError(
-                        f"manifest {name}, line {reader.line_num}: the header has no "
-                        f"{' or '.join(repr(m) for m in missing)} column (found: {', '.join(header)})"
-                    )
-                i_id, i_uri = header.index("item_id"), header.index("image_uri")
-                continue
-            item_id = row[i_id] if i_id < len(row) else None
-            image_uri = row[i_uri] if i_uri < len(row) else None
-            yield reader.line_num, item_id, image_uri
-    except csv.Error as exc:
-        raise SourceError(f"manifest {name}, line {reader.line_num}: bad CSV: {exc}") from None
-    if header is None:
-        raise SourceError(f"manifest {name}: empty, expected a header with item_id and image_uri columns")
-
-
-def _jsonl_rows(lines: Iterator[str], name: str) -> Iterator[tuple[int, Any, Any]]:
-    for lineno, line in enumerate(lines, 1):
-        text = line.strip()
-        if not text:
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SourceError(f"manifest {name}, line {lineno}: bad JSON: {exc.msg}") from None
-        if not isinstance(obj, dict):
-            raise SourceError(
-                f"manifest {name}, line {lineno}: expected a JSON object with item_id and image_uri, "
-                f"got {type(obj).__name__}"
-            )
-        yield lineno, obj.get("item_id"), obj.get("image_uri")
-
-
-def _manifest_items(
-    rows: Iterator[tuple[int, Any, Any]], name: str, resolve: Callable[[str], str]
-) -> Iterator[Item]:
-    seen: dict[str, int] = {}
-    for lineno, raw_id, raw_uri in rows:
-        where = f"manifest {name}, line {lineno}"
-        if isinstance(raw_id, int) and not isinstance(raw_id, bool):
-            raw_id = str(raw_id)
-        for field, value in (("item_id", raw_id), ("image_uri", raw_uri)):
-            if value is None:
-                raise SourceError(f"{where}: no {field}")
-            if not isinstance(value, str):
-                raise SourceError(f"{where}: {field} must be a string, got {type(value).__name__}")
-            if not value.strip():
-                raise SourceError(f"{where}: empty {field}")
-        item_id, image_uri = raw_id.strip(), raw_uri.strip()
-        if item_id in seen:
-            raise SourceError(f"{where}: duplicate item_id {item_id!r} (first on line {seen[item_id]})")
-        seen[item_id] = lineno
-        yield Item(item_id=item_id, uri=_resolve_image_uri(image_uri, resolve, where))
-
-
-def _resolve_image_uri(value: str, resolve: Callable[[str], str], where: str) -> str:
-    scheme = _scheme(value)
-    if scheme == "s3":
-        try:
-            bucket, key = parse_s3_uri(value)
-        except SourceError as exc:
-            raise SourceError(f"{where}: {exc}") from None
-        if not key:
-            raise SourceError(f"{where}: image_uri {value!r} has no key")
-        return value
-    if scheme == "file":
-        try:
-            local_path(value)
-        except SourceError as exc:
-            raise SourceError(f"{where}: {exc}") from None
-        return value
-    if scheme is not None:
-        raise SourceError(
-            f"{where}: unsupported URI scheme {scheme!r} in image_uri {value!r}: "
-            "use file:// paths, s3://bucket/key, absolute paths or paths relative to the manifest"
-        )
-    if os.path.isabs(value):
-        return Path(os.path.normpath(value)).as_uri()
-    try:
-        return resolve(value)
-    except SourceError as exc:
-        raise SourceError(f"{where}: {exc}") from None
-
-
-def _resolve_local_relative(rel: str, *, base: str) -> str:
-    return Path(os.path.normpath(os.path.join(base, rel))).as_uri()
-
-
-def _resolve_s3_relative(rel: str, *, bucket: str, base: str) -> str:
-    parts = base.split("/") if base else []
-    for part in rel.split("/"):
-        if part == ".":
-            continue
-        if part == "..":
-            if not parts:
-                raise SourceError(f"image_uri {rel!r} goes above the top of bucket {bucket!r}")
-            parts.pop()
-            continue
-        parts.append(part)
-    return f"s3://{bucket}/{'/'.join(parts)}"

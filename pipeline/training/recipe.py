@@ -46,7 +46,7 @@ from torch import nn
 
 from pipeline.errors import ConfigError, ImageError, ModelFileError, SourceError
 from pipeline.evaluation.calibration import choose_threshold, fit_temperature, selective_scores
-from pipeline.evaluation.report import compute_metrics, expected_calibration_error
+from pipeline.evaluation.metrics import compute_metrics, expected_calibration_error
 from pipeline.inference.predictor import resolve_device
 from pipeline.io.files import sha256_file
 from pipeline.io.folders import Arrays, load_images, read_image
