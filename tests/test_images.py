@@ -60,3 +60,14 @@ def test_to_model_input_normalises_in_channels_last():
     assert x.shape == (2, 3, 4, 5) and x.dtype == torch.float32
     assert x.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(x, torch.full_like(x, 2.0))
+
+
+def test_too_large_image_says_so_once():
+    with pytest.raises(ImageError) as err:
+        decode_image(BAD_IMAGES["huge_dimensions.png"], size=(28, 28))  # a header claiming 200000 x 200000 px
+    reason = str(err.value)
+    assert reason.startswith("image dimensions too large: ") and reason.count("too large") == 1, reason
+    assert "40000000000 pixels" in reason  # Pillow's own words follow: "Image size (N pixels) exceeds limit ..."
+    with pytest.raises(ImageError) as err:
+        decode_image(photo_jpeg(0, (300, 400)), size=(28, 28), max_pixels=100_000)
+    assert str(err.value) == "image dimensions too large: 400x300 px exceeds 100000 pixels"

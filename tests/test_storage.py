@@ -1,4 +1,5 @@
-"""pipeline.io.storage against real files in tmp_path and a real S3 API (moto server over HTTP)."""
+"""pipeline.io.storage and pipeline.io.sources against real files in tmp_path and a real S3 API (moto server over
+HTTP)."""
 
 from __future__ import annotations
 
@@ -14,17 +15,15 @@ import numpy as np
 import pytest
 
 from pipeline.errors import InvsortError, SourceError
+from pipeline.io.sources import iter_source
 from pipeline.io.storage import (
     LocalStorage,
     ObjectReader,
     S3Storage,
-    Storage,
     TooLargeError,
-    iter_source,
     local_path,
     make_reader,
     parse_s3_uri,
-    to_uri,
 )
 from pipeline.records import Item
 from pipeline.settings import Settings
@@ -88,12 +87,9 @@ def outside(tmp_path: Path) -> Path:
 
 def test_uri_helpers_round_trip(tmp_path: Path) -> None:
     p = tmp_path / "Boot" / "boot (1) ünï #?%.jpg"
-    uri = to_uri(str(p))
-    assert uri.startswith("file:///")
+    uri = p.as_uri()  # how listings write local URIs
     assert not any(c in uri for c in " #?()ü") and "%28" in uri
     assert local_path(uri) == p
-    assert to_uri(uri) == uri
-    assert to_uri("s3://b/k (1).jpg") == "s3://b/k (1).jpg"
     assert local_path("file://localhost/data/a%20b.jpg") == Path("/data/a b.jpg")
     assert local_path("file:/data/a%20b.jpg") == Path("/data/a b.jpg")
     assert local_path("relative/x.jpg") == Path.cwd() / "relative" / "x.jpg"
@@ -112,7 +108,6 @@ def test_uri_helpers_round_trip(tmp_path: Path) -> None:
 def test_local_list_recursive_sorted_filtered_and_round_trips(tree: tuple[Path, dict[str, bytes]]) -> None:
     root, images = tree
     storage = LocalStorage([root])
-    assert isinstance(storage, Storage)
     it = storage.list(root.as_uri())
     assert isinstance(it, Iterator)
     uris = list(it)
@@ -245,7 +240,6 @@ def test_s3_list_paginates_over_1000_objects(s3_server: str, s3_bucket: tuple[An
     }
     _put_many(client, bucket, objects)
     storage = S3Storage(endpoint_url=s3_server)
-    assert isinstance(storage, Storage)
     pages: list[int] = []
     storage.client.meta.events.register("before-call.s3.ListObjectsV2", lambda **_: pages.append(1))
     uris = list(storage.list(f"s3://{bucket}/photos/"))
@@ -612,3 +606,33 @@ def test_s3_prefix_source_is_a_directory(s3_server: str, s3_bucket: tuple[Any, s
         f"s3://{bucket}/shoes/a.jpg",
         f"s3://{bucket}/top.png",
     ]
+
+
+def test_reader_streams_lines_of_local_and_s3_objects_alike(
+    tmp_path: Path, outside: Path, s3_server: str, s3_bucket: tuple[Any, str]
+) -> None:
+    client, bucket = s3_bucket
+    body = b"\xef\xbb\xbfa,b\r\nc\rd\n\ne" + b"x" * (64 * 1024 - 15) + b"\r\nlast"  # a \r\n across two chunks
+    local = _write(tmp_path / "m" / "lines.csv", body)
+    client.put_object(Bucket=bucket, Key="m/lines.csv", Body=body)
+    reader = ObjectReader(LocalStorage([tmp_path / "m"]), s3=S3Storage(client))
+    expected = body.splitlines(keepends=True)
+    assert list(reader.iter_lines(str(local))) == list(reader.iter_lines(local.as_uri())) == expected
+    assert list(reader.iter_lines(f"s3://{bucket}/m/lines.csv")) == expected
+    assert reader.local_kind(str(tmp_path / "m")) == "directory"
+    assert reader.local_kind(local.as_uri()) == "file"
+    assert reader.local_kind(str(tmp_path / "m" / "nope.csv")) is None
+    with pytest.raises(PermissionError, match="INVSORT_LOCAL_ROOTS"):
+        reader.iter_lines(str(outside))  # checked when called, before anything is opened
+    with pytest.raises(PermissionError, match="INVSORT_LOCAL_ROOTS"):
+        reader.local_kind(str(outside))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        next(reader.iter_lines(str(tmp_path / "m" / "nope.csv")))
+    with pytest.raises(SourceError, match="unsupported URI scheme"):
+        reader.iter_lines("ftp://host/m.csv")
+
+
+def test_manifest_with_old_mac_line_endings(tmp_path: Path) -> None:
+    manifest = _write(tmp_path / "m.csv", b"item_id,image_uri\ra,x.jpg\rb,y.jpg\r")
+    items = list(iter_source(str(manifest), ObjectReader(LocalStorage([tmp_path]))))
+    assert items == [Item("a", (tmp_path / "x.jpg").as_uri()), Item("b", (tmp_path / "y.jpg").as_uri())]

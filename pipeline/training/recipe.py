@@ -5,8 +5,9 @@ One call of :func:`train` does what a catalogue team needs, in this order:
 1. **Check and split** the photo set with :mod:`pipeline.training.dataprep`: bad files are excluded with their reason,
    exact and near duplicates stay inside one split, a seeded stratified train / val / test split is written as a
    manifest next to the model (``<model>.split.csv``).
-2. **Decode once** with the worker's own :func:`pipeline.io.images.decode_image` at the model's input size (so
-   training, evaluation and sorting see the same pixels), kept in memory as uint8 ``(N, H, W, C)``.
+2. **Decode once** with :func:`pipeline.io.folders.load_images` (the worker's own
+   :func:`pipeline.io.images.decode_image`) at the model's input size (so training, evaluation and sorting see the
+   same pixels), kept in memory as uint8 ``(N, H, W, C)``.
 3. **Train**: the :func:`pipeline.training.transforms.train_preset` augmentation per image (DataLoader worker processes
    above 4 cores), optional mixup/cutmix, AdamW with linear warm-up then cosine decay (Loshchilov & Hutter
    2017), label smoothing (Szegedy et al. 2016), class weights or a balanced sampler for imbalanced sets,
