@@ -7,6 +7,7 @@ Read from the source with :mod:`ast`, so the rules hold for imports that run lat
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -146,12 +147,18 @@ def test_no_function_longer_than_the_limit(module: str) -> None:
 
 
 def test_the_readme_architecture_section_matches_the_tree() -> None:
+    """Every package of pipeline/ and every module in it is named in the README's tree, and nothing more."""
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Architecture", 1)[1].split("\n## ", 1)[0]
-    packages = sorted(
-        str(p.parent.relative_to(ROOT)) + "/"
-        for p in (ROOT / "pipeline").rglob("__init__.py")
-        if "assets" not in p.parts
-    )
-    missing = [p for p in packages if p not in section]
-    assert not missing, f"README's Architecture section does not name {missing}"
+    tree = section.split("```", 2)[1]
+    packages = {p.parent.name + "/" for p in (ROOT / "pipeline").glob("*/__init__.py")}
+    modules = {p.name for p in (ROOT / "pipeline").rglob("*.py") if p.name != "__init__.py"}
+    named_files = set(re.findall(r"\b(\w+\.py)\b", tree))
+    named_packages = set(re.findall(r"^ +(\w+/)", tree, flags=re.MULTILINE))
+    assert packages - named_packages == set(), f"packages missing from the README's tree: {packages - named_packages}"
+    assert named_packages - packages == set(), f"packages in the README's tree that do not exist: {named_packages - packages}"
+    missing = {m for m in modules if m not in named_files and m.removesuffix(".py") + ".py" not in tree}
+    assert not missing, f"modules missing from the README's tree: {sorted(missing)}"
+    stale = {f for f in named_files if f not in modules and not (ROOT / "worker" / f).exists()
+             and not (ROOT / "db" / f).exists()}
+    assert not stale, f"files named in the README's tree that do not exist: {sorted(stale)}"

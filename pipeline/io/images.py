@@ -240,9 +240,11 @@ def decode_jpeg_batch(
 
 def resize_on_device(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Resize ``(C, h, w)`` uint8 to ``(C, H, W)`` uint8 (``size`` = ``(H, W)`` px) on the image's device, by
-    the rule of :func:`resize_for_model`, aspect ratio not kept: along each axis an area average when shrinking
-    (each output pixel the coverage-weighted mean of the input pixels its cell covers), bilinear with half-pixel
-    centres when enlarging. Within a level or two of OpenCV's ``INTER_AREA`` / ``INTER_LINEAR``, not bit-exact.
+    the rule of :func:`resize_for_model`, aspect ratio not kept: when the image shrinks (``H * W < h * w``), an
+    area average along each axis that shrinks (each output pixel the coverage-weighted mean of the input pixels
+    its cell covers); otherwise, and along an axis that grows, bilinear with half-pixel centres. Within a level
+    of OpenCV's ``INTER_AREA`` / ``INTER_LINEAR``, not bit-exact, except where the image shrinks but one side
+    grows: there OpenCV samples both axes with two taps, and this rule averages the shrinking one.
 
     Two float32 matrix products, ``(H, h) @ (C, h, w) @ (w, W)``. ``interpolate(..., antialias=True)`` was tried
     and dropped: its triangle filter blurs more than the area filter. With a 3-class MobileNetV2 footwear probe,
@@ -250,23 +252,26 @@ def resize_on_device(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     photos (177-4500 px); this rule on none of either.
     """
     h, w = image.shape[-2:]
-    if (h, w) == tuple(size):
+    th, tw = size
+    if (h, w) == (th, tw):
         return image
-    rows = _axis_weights(h, size[0], image.device)
-    cols = _axis_weights(w, size[1], image.device)
+    area = h * w > th * tw
+    rows = _axis_weights(h, th, area, image.device)
+    cols = _axis_weights(w, tw, area, image.device)
     out = torch.matmul(torch.matmul(rows, image.float()), cols.T)
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 @functools.lru_cache(maxsize=256)
-def _axis_weights(src: int, dst: int, device: torch.device) -> torch.Tensor:
-    """``(dst, src)`` float32 resampling weights along one axis; each row sums to 1."""
+def _axis_weights(src: int, dst: int, area: bool, device: torch.device) -> torch.Tensor:
+    """``(dst, src)`` float32 resampling weights along one axis (area when ``area`` and it shrinks, else
+    bilinear); each row sums to 1."""
     i = torch.arange(dst, dtype=torch.float64)[:, None]
     j = torch.arange(src, dtype=torch.float64)[None, :]
-    if dst < src:  # area: the overlap of input pixel [j, j + 1) with output cell [i * s, (i + 1) * s)
+    if area and dst < src:  # the overlap of input pixel [j, j + 1) with output cell [i * s, (i + 1) * s)
         s = src / dst
         weights = (torch.minimum(j + 1, (i + 1) * s) - torch.maximum(j, i * s)).clamp_(min=0) / s
-    else:  # bilinear: the two input pixels either side of the output pixel's centre, edges repeated
+    else:  # the two input pixels either side of the output pixel's centre, edges repeated
         x = ((i + 0.5) * (src / dst) - 0.5).clamp(0, src - 1)
         x0 = x.floor()
         frac = x - x0
