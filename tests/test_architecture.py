@@ -156,7 +156,8 @@ def test_the_readme_architecture_section_matches_the_tree() -> None:
     named_files = set(re.findall(r"\b(\w+\.py)\b", tree))
     named_packages = set(re.findall(r"^ +(\w+/)", tree, flags=re.MULTILINE))
     assert packages - named_packages == set(), f"packages missing from the README's tree: {packages - named_packages}"
-    assert named_packages - packages == set(), f"packages in the README's tree that do not exist: {named_packages - packages}"
+    stale_packages = named_packages - packages
+    assert not stale_packages, f"packages in the README's tree that do not exist: {stale_packages}"
     missing = {m for m in modules if m not in named_files and m.removesuffix(".py") + ".py" not in tree}
     assert not missing, f"modules missing from the README's tree: {sorted(missing)}"
     stale = {f for f in named_files if f not in modules and not (ROOT / "worker" / f).exists()

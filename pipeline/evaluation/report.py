@@ -95,7 +95,8 @@ def evaluate(
     data = load_labelled(data_dir, list(mf.class_names), mf.input_size, mf.in_chans, progress=progress)
     if not len(data.labels):
         raise ConfigError(f"no decodable image in {data_dir} ({len(data.failed)} failed)")
-    probs = _predict_probs(Predictor(mf, PredictorOptions(device=device)), data.images, batch_size, progress=progress)
+    with Predictor(mf, PredictorOptions(device=device)) as predictor:  # closes its forward threads
+        probs = _predict_probs(predictor, data.images, batch_size, progress=progress)
     y_true, y_pred = data.labels, probs.argmax(axis=1)
     metrics = compute_metrics(y_true, y_pred, probs, mf.class_names)
     metrics["at_threshold"] = selective_scores(probs, y_true, mf.review_threshold)
