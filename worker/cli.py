@@ -91,6 +91,8 @@ def main(verbose: int) -> None:
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Off a terminal, progress bars become a few INFO lines (pipeline.progress): shown without -v too.
+    logging.getLogger("pipeline.progress").setLevel(min(level, logging.INFO))
 
 
 @main.command()

@@ -117,6 +117,7 @@ def _inception_v3(weights: None = None) -> nn.Module:
     """
     return tvm.inception_v3(weights=weights, aux_logits=False, transform_input=False, init_weights=False)
 
+
 REGISTRY: dict[str, ArchSpec] = {
     "invsort_cnn": ArchSpec(
         build=lambda n, c: InvsortCNN(n, c),
