@@ -201,6 +201,7 @@ def test_percentiles_are_numpy_s_linear_ones():
     assert f["batch_ms_p95"] == pytest.approx(float(np.percentile(gaps, 95)), abs=0.01)
 
 
+@pytest.mark.slow  # a fresh process imports torch and loads the model: ~3.5 s
 def test_a_peer_process_reads_its_spec_on_stdin_and_prints_one_result_line():
     """The process 'invsort bench run' starts for each peer: the hidden 'invsort bench peer'."""
     spec = {"peer": "model_only", "source": str(EXAMPLES), "model": "bundled:fashion_mnist_cnn", "images": 8,
@@ -231,12 +232,29 @@ def test_tree_memory_counts_child_processes():
     assert tree["processes"] >= 2 and tree["peak_rss_mib"] > 64 and 0 < tree["peak_pss_mib"] <= tree["peak_rss_mib"]
 
 
-@pytest.mark.parametrize("subcommand", [[], ["run"]])
-def test_bench_source_and_bench_run_source_are_the_same_command(subcommand, tmp_path):
-    out = tmp_path / "bench.json"
-    run_cli([*subcommand, str(EXAMPLES), "--peer", "model_only", "--limit", "8", "--batch-size", "4",
-             "--json", str(out)])
-    check_report(json.loads(out.read_text()), images=8, peers={"model_only"})
+def test_bench_source_and_bench_run_source_are_the_same_command(monkeypatch):
+    """Both spellings reach run_bench with the same arguments (a real run of the short one, every peer in its
+    own process: test_bench_cli_on_the_examples_runs_every_peer)."""
+    import pipeline.bench.peers as peers
+
+    class Recorded(Exception):
+        pass
+
+    calls: list[tuple[str, dict]] = []
+
+    def recorded(source, *, on_event, **options):
+        calls.append((source, options))
+        raise Recorded
+
+    monkeypatch.setattr(peers, "run_bench", recorded)
+    args = [str(EXAMPLES), "--peer", "model_only", "--limit", "8", "--batch-size", "4", "--db-url", "sqlite://"]
+    for spelling in ([], ["run"]):
+        result = CliRunner().invoke(main, ["bench", *spelling, *args])
+        assert isinstance(result.exception, Recorded), result.output
+    assert len(calls) == 2 and calls[0] == calls[1]
+    source, options = calls[0]
+    assert source == str(EXAMPLES) and options["peers"] == ("model_only",) and options["db_urls"] == ("sqlite://",)
+    assert (options["limit"], options["batch_size"]) == (8, 4)
 
 
 def test_bench_help_lists_run_and_catalog_but_not_the_peer_process():

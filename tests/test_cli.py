@@ -1,4 +1,11 @@
-"""The ``invsort`` command line as a user runs it: real subprocesses, real databases, exit codes and stderr."""
+"""The ``invsort`` command line (worker/cli.py): exit codes, stdout and stderr of each command, against real
+databases and files.
+
+Commands run in this process through click's ``CliRunner`` (stdout and stderr apart, no ``INVSORT_*`` variable of
+the caller's environment, unexpected exceptions raised into the test). A few run as real processes, for what only a
+process shows: a refused command prints one line and no traceback, and the README's first command works through the
+installed ``invsort`` script.
+"""
 
 from __future__ import annotations
 
@@ -11,32 +18,60 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner, Result
 
 from db import catalog
 from db.session import session_scope
 from pipeline.models.modelfile import load_model_file, save_model_file
 from tests.images import EXAMPLES
+from worker.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_GPU = torch.cuda.is_available()
 
 
-def invsort(*args: object, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("INVSORT_")}
-    return subprocess.run([sys.executable, "-m", "worker.cli", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, env={**clean, **(env or {})}, timeout=timeout, check=False)
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("INVSORT_")}
 
 
-def one_line_error(result: subprocess.CompletedProcess, code: int = 1) -> str:
+def invoke(*args: object, env: dict[str, str] | None = None) -> Result:
+    """``invsort ARGS`` in this process, with only ``env``'s INVSORT_* variables set."""
+    unset: dict[str, str | None] = {k: None for k in os.environ if k.startswith("INVSORT_")}
+    return CliRunner().invoke(main, [str(a) for a in args], env={**unset, **(env or {})}, catch_exceptions=False)
+
+
+def run_process(*args: object, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``invsort ARGS`` as a real process: the installed script where there is one, else ``python -m worker.cli``."""
+    script = Path(sys.executable).with_name("invsort")
+    argv = [str(script)] if script.exists() else [sys.executable, "-m", "worker.cli"]
+    return subprocess.run([*argv, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          env={**clean_env(), **(env or {})}, timeout=300, check=False)
+
+
+def one_line_error(result: Result | subprocess.CompletedProcess, code: int = 1) -> str:
     """The single ``Error: ...`` line of a refused command (no traceback, nothing else on stderr)."""
-    assert result.returncode == code, (result.returncode, result.stderr)
+    status = result.exit_code if isinstance(result, Result) else result.returncode
+    assert status == code, (status, result.stderr)
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     return lines[0]
 
 
-# ---------------------------------------------------------------------------------------------- status --json
+def refused(result: Result, code: int = 1) -> str:
+    """The ``Error: ...`` message of a refused command, one line or more (settings list every bad one)."""
+    assert result.exit_code == code, (result.exit_code, result.stderr)
+    assert "Traceback" not in result.stderr and result.stderr.startswith("Error: "), result.stderr
+    return result.stderr
+
+
+@pytest.fixture(autouse=True)
+def _in_the_repository(monkeypatch):
+    """Relative paths (examples/images, pyproject.toml) as a user in the clone types them."""
+    monkeypatch.chdir(ROOT)
+
+
+# ------------------------------------------------------------------------------------- status and results
 
 
 def test_status_json_prints_one_object_per_job(db_url):
@@ -47,17 +82,63 @@ def test_status_json_prints_one_object_per_job(db_url):
         catalog.record_batch(session=session, job_id=job_id, batch_no=0, sorted_count=2, needs_review_count=0,
                              failed_count=1)
 
-    one = invsort("status", job_id, "--db", db_url, "--json")
-    assert one.returncode == 0, one.stderr
+    one = invoke("status", job_id, "--db", db_url, "--json")
+    assert one.exit_code == 0, one.stderr
     record = json.loads(one.stdout)
     assert record["id"] == job_id and record["status"] == "running" and record["processed"] == 3
     assert (record["sorted_count"], record["failed_count"], record["total_items"]) == (2, 1, 3)
     assert record["created_at"].endswith("+00:00") and record["finished_at"] is None
     assert set(record) == {f.name for f in dataclasses.fields(catalog.JobStatus)} | {"processed"}
 
-    latest = invsort("status", "--db", db_url, "--json")
-    assert latest.returncode == 0, latest.stderr
+    latest = invoke("status", "--db", db_url, "--json")
+    assert latest.exit_code == 0, latest.stderr
     assert job_id in [json.loads(line)["id"] for line in latest.stdout.splitlines()]
+
+
+def test_status_and_results_show_the_job(sqlite_url):
+    result = invoke("sort", EXAMPLES, "--db", sqlite_url, "--no-progress", "--limit", 7)
+    assert result.exit_code == 0, result.output
+    job_id = result.stdout.split("job ")[1].split(";")[0]
+    status = invoke("status", job_id, "--db", sqlite_url)
+    assert status.exit_code == 0 and f"job {job_id} done: 7/7 images; 7 sorted" in status.stdout
+    rows = invoke("results", "--db", sqlite_url, "--job", job_id, "--csv")
+    assert rows.exit_code == 0 and len(rows.stdout.strip().splitlines()) == 1 + 7
+    missing = invoke("status", "nope", "--db", sqlite_url)
+    assert one_line_error(missing) == f"Error: no job nope in {sqlite_url}"
+
+
+# ---------------------------------------------------------------------------------------- refused jobs
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["sort", "/no/such/folder"], {}, "source not found"),
+        (["sort", "ftp://host/x"], {}, "unsupported URI scheme"),
+        (["sort", "examples/images"], {"INVSORT_BATCH_SIZE": "0"}, "INVSORT_BATCH_SIZE must be between 1 and 4096"),
+        (["sort", "examples/images"], {"INVSORT_DEVICE": "tpu"}, "INVSORT_DEVICE"),
+        (["sort", "examples/images", "--model", "pyproject.toml"], {}, "not an invsort model file"),
+        (["sort", "examples/images", "--model", "bundled:nope"], {}, "bundled:fashion_mnist_cnn"),
+        (["sort", "examples/images", "--db", "mysql://x/y"], {}, "INVSORT_DATABASE_URL"),
+        (["results"], {}, "invsort db upgrade"),
+        (["status", "no-such-job"], {}, "invsort db upgrade"),
+    ],
+)
+def test_bad_jobs_and_settings_are_refused_with_a_clear_message(args, env, message, tmp_path):
+    result = invoke(*args, env={"INVSORT_DATABASE_URL": f"sqlite:///{tmp_path}/x.db", **env})
+    assert message in refused(result)
+
+
+def test_submit_refuses_a_non_model_file_before_queueing(sqlite_url, monkeypatch):
+    from worker.tasks import sort_batch_task
+
+    queued: list[tuple] = []
+    monkeypatch.setattr(sort_batch_task, "apply_async", lambda *a, **kw: queued.append((a, kw)))
+    result = invoke("submit", EXAMPLES, "--model", ROOT / "pyproject.toml", env={"INVSORT_DATABASE_URL": sqlite_url})
+    assert "not an invsort model file" in refused(result)
+    assert queued == []
+    with session_scope(sqlite_url) as session:
+        assert catalog.list_jobs(session=session, limit=5) == []  # no job row either
 
 
 # ------------------------------------------------------------------------------------------------- --device
@@ -70,10 +151,11 @@ def test_status_json_prints_one_object_per_job(db_url):
 ])
 @pytest.mark.parametrize("device", ["cuda:x", "gpu", "cuda:-1"])
 def test_every_device_option_refuses_the_same_bad_names(command, device, tmp_path):
-    result = invsort(*[tmp_path / "out" if a == "OUT" else a for a in command], "--device", device)
-    assert result.returncode == 2 and "Traceback" not in result.stderr  # a usage error, before any work
+    result = invoke(*[tmp_path / "out" if a == "OUT" else a for a in command], "--device", device)
+    assert result.exit_code == 2 and "Traceback" not in result.stderr  # a usage error, before any work
     assert (f"Invalid value for '--device': device must be auto, cpu, cuda or cuda:N (N: a GPU index, 0 first), "
             f"got '{device}'") in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the refusal on a machine without a GPU")
@@ -86,7 +168,7 @@ def test_cuda_n_without_a_gpu_is_one_clear_line(args, env, tmp_path):
     args = [tmp_path / "report" if a == "OUT" else a for a in args]
     if args[0] == "sort":
         args += ["--db", f"sqlite:///{tmp_path}/c.db", "--no-progress"]
-    result = invsort(*args, env=env)
+    result = invoke(*args, env=env)
     expected = "Error: device cuda:0 asked for, but no CUDA GPU is available here; use auto or cpu"
     assert one_line_error(result) == expected
 
@@ -97,11 +179,11 @@ def test_cuda_n_names_a_gpu_that_exists(tmp_path):
 
     count = torch.cuda.device_count()
     assert resolve_device(f"cuda:{count - 1}") == torch.device("cuda", count - 1)
-    result = invsort("sort", EXAMPLES, "--device", f"cuda:{count}", "--db", f"sqlite:///{tmp_path}/c.db")
+    result = invoke("sort", EXAMPLES, "--device", f"cuda:{count}", "--db", f"sqlite:///{tmp_path}/c.db")
     assert f"this machine has {count} CUDA GPU(s)" in one_line_error(result)
-    ok = invsort("sort", EXAMPLES, "--device", f"cuda:{count - 1}", "--db", f"sqlite:///{tmp_path}/c.db",
-                 "--no-progress")
-    assert ok.returncode == 0 and "sorted 50 images" in ok.stdout, ok.stderr
+    ok = invoke("sort", EXAMPLES, "--device", f"cuda:{count - 1}", "--db", f"sqlite:///{tmp_path}/c.db",
+                "--no-progress")
+    assert ok.exit_code == 0 and "sorted 50 images" in ok.stdout, ok.stderr
 
 
 # ------------------------------------------------------------------------------------------- bad model files
@@ -118,9 +200,9 @@ def mismatched_model(tmp_path) -> Path:
 
 def test_a_class_count_that_does_not_fit_the_weights_is_one_line(mismatched_model, tmp_path):
     expected = f"Error: model file {mismatched_model}: 3 class names but the classifier has 10 outputs"
-    assert one_line_error(invsort("model-info", mismatched_model)) == expected
-    result = invsort("sort", EXAMPLES, "--model", mismatched_model, "--db", f"sqlite:///{tmp_path}/c.db",
-                     "--no-progress")
+    assert one_line_error(invoke("model-info", mismatched_model)) == expected
+    result = invoke("sort", EXAMPLES, "--model", mismatched_model, "--db", f"sqlite:///{tmp_path}/c.db",
+                    "--no-progress")
     assert one_line_error(result) == expected
 
 
@@ -128,14 +210,14 @@ def test_weights_of_another_architecture_are_one_line(tmp_path):
     mf = load_model_file("bundled:fashion_mnist_cnn")
     path = tmp_path / "rgb.pt"
     save_model_file(dataclasses.replace(mf, in_chans=3, mean=(0.5,) * 3, std=(0.5,) * 3), path)
-    line = one_line_error(invsort("model-info", path))
+    line = one_line_error(invoke("model-info", path))
     assert line.startswith(f"Error: model file {path}: the weights do not fit invsort_cnn with 3 channel(s)")
     assert "features.0.0.weight is (32, 1, 3, 3), invsort_cnn needs (32, 3, 3, 3)" in line
 
 
 def test_a_good_model_file_is_described():
-    result = invsort("model-info", "bundled:fashion_mnist_cnn")
-    assert result.returncode == 0, result.stderr
+    result = invoke("model-info", "bundled:fashion_mnist_cnn")
+    assert result.exit_code == 0, result.stderr
     assert "classes (10): Ankle_boot, Bag, Coat" in result.stdout and "arch invsort_cnn" in result.stdout
 
 
@@ -143,8 +225,32 @@ def test_a_good_model_file_is_described():
 
 
 def test_a_bad_setting_is_refused_before_any_work(tmp_path):
-    result = invsort("sort", EXAMPLES, env={"INVSORT_MAX_IMAGE_PIXELS": "-1",
-                                            "INVSORT_DATABASE_URL": f"sqlite:///{tmp_path}/c.db"})
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "INVSORT_MAX_IMAGE_PIXELS must be between 64 and 2147483648 pixels, got -1" in result.stderr
+    result = invoke("sort", EXAMPLES, env={"INVSORT_MAX_IMAGE_PIXELS": "-1",
+                                           "INVSORT_DATABASE_URL": f"sqlite:///{tmp_path}/c.db"})
+    assert "INVSORT_MAX_IMAGE_PIXELS must be between 64 and 2147483648 pixels, got -1" in refused(result)
     assert not (tmp_path / "c.db").exists()
+
+
+# ------------------------------------------------------------------------------------------ real processes
+
+
+def test_a_refused_command_is_one_line_in_a_real_process(mismatched_model):
+    """Nothing else reaches a user's terminal: no traceback, no warning of torch's, no log line."""
+    expected = f"Error: model file {mismatched_model}: 3 class names but the classifier has 10 outputs"
+    result = run_process("model-info", mismatched_model)
+    assert one_line_error(result) == expected and result.stdout == ""
+
+
+@pytest.mark.slow  # a fresh process imports torch and sorts 50 images, then another shows them: ~5 s
+def test_the_readme_first_command_in_a_real_process(tmp_path):
+    """``invsort sort examples/images`` in a clone, with no option and no setting; then the command it suggests."""
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    result = run_process("sort", "examples/images", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "sorted 50 images" in result.stdout and "0 failed" in result.stdout
+    assert (tmp_path / "invsort.db").is_file()  # the default database: ./invsort.db
+    look = result.stdout.split("look: ")[1].strip().split()
+    assert look[:3] == ["invsort", "results", "--db"]
+    shown = run_process(*look[1:], "--limit", 0, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert len(shown.stdout.splitlines()) == 50 and "examples/images/Ankle_boot/" in shown.stdout

@@ -4,6 +4,7 @@ pipeline, the ONNX export cache, and the errors for a bad value, a missing packa
 Needs the 'onnx' extra (onnx, onnxscript, onnxruntime, openvino) installed.
 """
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -32,22 +33,39 @@ def sort_examples(db_url: str, env: dict[str, str]):
         return {r.item_id: r for r in iter_items(session=session)}
 
 
-@pytest.fixture
-def torch_rows(tmp_path):
-    url = f"sqlite:///{tmp_path / 'torch.db'}"
+@pytest.fixture(scope="module")
+def torch_rows(tmp_path_factory):
+    url = f"sqlite:///{tmp_path_factory.mktemp('torch-rows') / 'torch.db'}"
     yield sort_examples(url, {"INVSORT_RUNTIME": "torch"})
     dispose_engines(url)
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    """One export cache for both runtimes' sorts: the first exports the bundled model through the CLI, the other
+    reuses that file (each exports itself when run alone)."""
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+@pytest.fixture(scope="module")
+def other_network_onnx(tmp_path_factory) -> Path:
+    """The bundled model's network with every weight moved by 0.05, exported to ONNX once for the module."""
+    other = load_model_file(BUNDLED)
+    other.state_dict = {k: v + 0.05 if v.is_floating_point() else v for k, v in other.state_dict.items()}
+    path = tmp_path_factory.mktemp("other-network") / "other.onnx"
+    export_onnx(other, path)
+    return path
+
+
 @pytest.mark.parametrize("runtime", FAST)
-def test_fast_runtime_sorts_the_examples_like_pytorch(runtime, torch_rows, sqlite_url, tmp_path):
-    rows = sort_examples(sqlite_url, {"INVSORT_RUNTIME": runtime, "INVSORT_RUNTIME_CACHE_DIR": str(tmp_path / "c")})
+def test_fast_runtime_sorts_the_examples_like_pytorch(runtime, torch_rows, sqlite_url, shared_cache):
+    rows = sort_examples(sqlite_url, {"INVSORT_RUNTIME": runtime, "INVSORT_RUNTIME_CACHE_DIR": str(shared_cache)})
     assert set(rows) == set(torch_rows) and len(rows) == 50
     assert {k: r.category for k, r in rows.items()} == {k: r.category for k, r in torch_rows.items()}
     assert all(abs(r.confidence - torch_rows[k].confidence) < 1e-4 for k, r in rows.items())
     assert {k: r.status for k, r in rows.items()} == {k: r.status for k, r in torch_rows.items()}
     assert all(r.model_version == load_model_file(BUNDLED).version for r in rows.values())
-    assert len(list((tmp_path / "c").glob("*.onnx"))) == 1
+    assert len(list(shared_cache.glob("*.onnx"))) == 1
 
 
 def test_export_is_cached_per_model_version_and_shared_by_the_runtimes(tmp_path):
@@ -76,11 +94,9 @@ def test_a_damaged_cached_export_is_exported_again(tmp_path):
 
 
 @pytest.mark.parametrize("runtime", FAST)
-def test_a_runtime_that_disagrees_with_pytorch_is_refused(runtime, tmp_path):
+def test_a_runtime_that_disagrees_with_pytorch_is_refused(runtime, other_network_onnx, tmp_path):
     mf = load_model_file(BUNDLED)
-    other = load_model_file(BUNDLED)
-    other.state_dict = {k: v + 0.05 if v.is_floating_point() else v for k, v in other.state_dict.items()}
-    export_onnx(other, onnx_path(mf, tmp_path))  # a cached file that is not this model's network
+    shutil.copy(other_network_onnx, onnx_path(mf, tmp_path))  # a cached file that is not this model's network
     with pytest.raises(ConfigError, match=f"INVSORT_RUNTIME={runtime} disagrees with PyTorch.*INVSORT_RUNTIME=torch"):
         Predictor(mf, PredictorOptions(device="cpu", runtime=runtime, runtime_cache_dir=tmp_path))
 

@@ -39,6 +39,7 @@ def _quiet(_: str) -> None:
     pass
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_custom_cnn_on_fashion_mnist_subset_beats_chance_and_obeys_its_threshold(tmp_path):
     export_png_tree(tmp_path / "data" / "train", "train", every=30)  # 2,000 images
@@ -176,6 +177,7 @@ def test_presets_follow_the_photos():
     assert resolve_recipe({"arch": "inception_v3"}, [(136, 102)], gray=False).image_size == (299, 299)
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 @pytest.mark.skipif(not FOOTWEAR_TAR.exists() or not MOBILENET_WEIGHTS.exists(),
                     reason="../shared footwear photos or ImageNet weights not present (a user's clone)")

@@ -126,6 +126,7 @@ def test_submitted_s3_job_is_sorted_by_two_workers_into_postgresql(workers, s3_b
     assert status.returncode == 0 and "done" in status.stdout and f"{n}/{n}" in status.stdout
 
 
+@pytest.mark.slow  # a real process against the real Redis; in-process: tests/test_cli.py and test_sorting.py
 def test_submit_refuses_a_non_model_file_before_queueing(broker, pg_url, s3_server, tmp_path):
     env = worker_env(pg_url, s3_server, broker)
     out = subprocess.run(invsort("submit", str(EXAMPLES), "--model", str(ROOT / "pyproject.toml")), cwd=ROOT,

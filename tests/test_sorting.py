@@ -1,0 +1,181 @@
+"""The job service (pipeline/sorting.py) on real images, into SQLite and PostgreSQL: the embedded job through the
+real CLI, the queued job's two halves (``submit_job`` and ``sort_batch``) without Celery, and the predictor cache."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from db.catalog import get_job, iter_items, list_jobs
+from db.session import session_scope
+from pipeline.errors import ModelFileError
+from pipeline.inference.predictor import PredictorOptions
+from pipeline.records import Item
+from pipeline.settings import build_settings
+from tests.images import BAD_IMAGES, EXAMPLES, example_files
+from worker.cli import main
+
+
+def rows_of(url, job_id=None):
+    with session_scope(url) as session:
+        return list(iter_items(session=session, job_id=job_id))
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env or {}, catch_exceptions=False)
+
+
+def true_label(uri: str) -> str:
+    return Path(uri).parent.name
+
+
+def test_sort_bundled_examples_writes_one_row_per_image(db_url):
+    result = invoke("sort", EXAMPLES, "--db", db_url, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "sorted 50 images" in result.output
+    rows = rows_of(db_url)
+    mine = [r for r in rows if r.image_uri.startswith(EXAMPLES.as_uri())]
+    assert len(mine) == 50 and len({r.item_id for r in mine}) == 50
+    assert all(r.status in ("sorted", "needs_review") for r in mine)
+    assert all(0.0 <= r.confidence <= 1.0 and len(r.topk) == 5 for r in mine)
+    accuracy = sum(r.category == true_label(r.image_uri) for r in mine) / len(mine)
+    assert accuracy >= 0.8, accuracy
+
+    again = invoke("sort", EXAMPLES, "--db", db_url, "--no-progress")
+    assert again.exit_code == 0
+    after = [r for r in rows_of(db_url) if r.image_uri.startswith(EXAMPLES.as_uri())]
+    assert len(after) == 50  # re-running upserts, never duplicates
+    assert {r.item_id: r.category for r in after} == {r.item_id: r.category for r in mine}
+
+
+def test_bad_images_fail_alone_and_the_rest_of_their_batch_is_sorted(tmp_path, sqlite_url):
+    src = tmp_path / "photos"
+    good = example_files()[:6]
+    for i, f in enumerate(good):
+        (src / "a").mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, src / "a" / f"good_{i}.png")
+    for name, data in BAD_IMAGES.items():
+        (src / "a" / name).write_bytes(data)
+    result = invoke("sort", src, "--db", sqlite_url, "--batch-size", 4, "--no-progress")
+    assert result.exit_code == 0, result.output
+    rows = {Path(r.image_uri).name: r for r in rows_of(sqlite_url)}
+    assert len(rows) == 6 + len(BAD_IMAGES)
+    reasons = {
+        "zero_bytes.jpg": "empty file",
+        "text_renamed.jpg": "not an image",
+        "truncated.jpg": "truncated JPEG",
+        "tiny_3x3.png": "too small",
+        "huge_dimensions.png": "too large",
+    }
+    for name, reason in reasons.items():
+        assert rows[name].status == "failed" and reason in rows[name].error, (name, rows[name].error)
+        assert rows[name].category is None
+    for i in range(6):
+        assert rows[f"good_{i}.png"].status in ("sorted", "needs_review")
+        assert rows[f"good_{i}.png"].category is not None
+    with session_scope(sqlite_url) as session:
+        job = get_job(session=session, job_id=rows["good_0.png"].job_id)
+    assert job.status == "done" and job.failed_count == len(BAD_IMAGES) and job.processed == 11
+
+
+def test_manifest_source_with_ids_and_a_path_outside_the_roots(tmp_path, sqlite_url):
+    files = example_files()[:3]
+    photos = tmp_path / "m"
+    photos.mkdir()
+    lines = ["item_id,image_uri"]
+    for i, f in enumerate(files):
+        shutil.copy(f, photos / f.name)
+        lines.append(f"SKU-{i},{f.name}")
+    lines.append("SKU-etc,/etc/hostname")
+    lines.append("SKU-missing,nope.png")
+    (photos / "manifest.csv").write_text("\n".join(lines) + "\n")
+    result = invoke("sort", photos / "manifest.csv", "--db", sqlite_url, "--no-progress")
+    assert result.exit_code == 0, result.output
+    rows = {r.item_id: r for r in rows_of(sqlite_url)}
+    assert set(rows) == {"SKU-0", "SKU-1", "SKU-2", "SKU-etc", "SKU-missing"}
+    assert rows["SKU-etc"].status == "failed" and "INVSORT_LOCAL_ROOTS" in rows["SKU-etc"].error
+    assert rows["SKU-missing"].status == "failed" and "no such file" in rows["SKU-missing"].error
+    assert all(rows[f"SKU-{i}"].status != "failed" for i in range(3))
+
+
+def test_review_threshold_routes_low_confidence_rows_to_review(sqlite_url):
+    result = invoke("sort", EXAMPLES, "--db", sqlite_url, "--no-progress", env={"INVSORT_REVIEW_THRESHOLD": "0.999"})
+    assert result.exit_code == 0, result.output
+    rows = rows_of(sqlite_url)
+    review = [r for r in rows if r.status == "needs_review"]
+    assert review and all(r.confidence < 0.999 for r in review)
+    assert all(r.confidence >= 0.999 for r in rows if r.status == "sorted")
+
+
+# --- the queued job without Celery: submit_job lists and enqueues, sort_batch is one task ---------------------------
+
+
+def test_submitted_batches_sorted_by_sort_batch_finish_the_job_once_even_when_redelivered(db_url, tmp_path):
+    from pipeline.sorting import sort_batch, submit_job
+
+    src = tmp_path / "photos"
+    for f in example_files()[:10]:
+        (src / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, src / f.parent.name / f.name)
+    (src / "bad").mkdir()
+    (src / "bad" / "zero_bytes.jpg").write_bytes(b"")
+    settings = build_settings(database_url=db_url, items_per_task=4, batch_size=3, device="cpu",
+                              local_roots=str(src))
+    queue: list[tuple[str, int, list[list[str]]]] = []
+    job_id, total, batches = submit_job(str(src), settings=settings, model_spec="bundled:fashion_mnist_cnn",
+                                        enqueue=lambda *task: queue.append(task))
+    assert (total, batches) == (11, 3) and [len(items) for _, _, items in queue] == [4, 4, 3]
+    assert [no for _, no, _ in queue] == [0, 1, 2] and all(jid == job_id for jid, _, _ in queue)
+    # tasks carry ids and URIs, never images (without a manifest an item's id is its URI)
+    assert all(item_id == uri and uri.startswith(src.as_uri()) for _, _, items in queue for item_id, uri in items)
+
+    def run(task):
+        jid, no, items = task
+        return sort_batch(jid, no, [Item(i, u) for i, u in items], settings=settings,
+                          model_spec="bundled:fashion_mnist_cnn")
+
+    with session_scope(db_url) as session:
+        assert get_job(session=session, job_id=job_id).status == "running"
+    counts = [run(task) for task in queue]
+    assert sum(c["failed_count"] for c in counts) == 1
+    assert run(queue[0]) == counts[0]  # a redelivered task: same rows, counted once
+    with session_scope(db_url) as session:
+        job = get_job(session=session, job_id=job_id)
+    assert job.status == "done" and (job.total_items, job.processed, job.failed_count) == (11, 11, 1)
+    assert len(rows_of(db_url, job_id)) == 11
+
+
+def test_submit_job_refuses_a_bad_model_before_creating_a_job_or_queueing(sqlite_url):
+    from pipeline.sorting import submit_job
+
+    queue: list = []
+    settings = build_settings(database_url=sqlite_url)
+    with pytest.raises(ModelFileError, match="not an invsort model file"):
+        submit_job(str(EXAMPLES), settings=settings, model_spec=str(Path(__file__).parents[1] / "pyproject.toml"),
+                   enqueue=lambda *task: queue.append(task))
+    assert queue == []
+    with session_scope(sqlite_url) as session:
+        assert list_jobs(session=session) == []
+
+
+# --- the predictor cache ----------------------------------------------------------------------------------------
+
+
+def test_the_job_service_caches_a_predictor_per_model_and_options_and_closes_the_evicted_ones(monkeypatch):
+    from pipeline import sorting
+
+    monkeypatch.setattr(sorting, "MAX_CACHED_PREDICTORS", 2)
+    sorting.close_predictors()
+    settings = build_settings(device="cpu", cpu_streams=2)
+    first = sorting.get_predictor(settings, "bundled:fashion_mnist_cnn")
+    assert sorting.get_predictor(build_settings(device="cpu", cpu_streams=2), "bundled:fashion_mnist_cnn") is first
+    assert first.options == PredictorOptions.from_settings(settings) and first.options.cpu_streams == 2
+    second = sorting.get_predictor(build_settings(device="cpu", cpu_streams=2, review_threshold=0.5),
+                                   "bundled:fashion_mnist_cnn")
+    assert second is not first and second.review_threshold == 0.5
+    assert first._pool is not None
+    sorting.get_predictor(build_settings(device="cpu", cpu_streams=1), "bundled:fashion_mnist_cnn")  # evicts first
+    assert first._pool is None and second._pool is not None
+    sorting.close_predictors()
+    assert second._pool is None and not sorting._predictors
