@@ -90,8 +90,15 @@ def test_unknown_bundled_model():
 def test_non_model_files_are_refused(tmp_path):
     text = tmp_path / "notes.pt"
     text.write_text("hello")
-    with pytest.raises(ModelFileError, match="not an invsort model file"):
+    with pytest.raises(ModelFileError, match="not an invsort model file") as refused:
         load_model_file(str(text))
+    # one short line with torch's reason, not its paragraph about weights_only
+    assert "\n" not in str(refused.value) and len(str(refused.value)) < 300
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"garbage\n")
+    refusal = r"\(refused by torch.load\(weights_only=True\): Unsupported operand \d+\)$"
+    with pytest.raises(ModelFileError, match=refusal):
+        load_model_file(str(garbage))
     plain = tmp_path / "state.pt"
     torch.save({"w": torch.zeros(2)}, plain)
     with pytest.raises(ModelFileError, match="expected format"):

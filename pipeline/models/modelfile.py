@@ -157,6 +157,18 @@ def _check_weights(mf: ModelFile, what: str) -> None:
                              f"{mf.num_classes} classes: " + "; ".join(problems))
 
 
+def _load_error_reason(exc: Exception) -> str:
+    """One line on why ``torch.load`` refused a file: torch's weights-only unpickler explains ``weights_only`` for
+    a paragraph and puts the actual reason (e.g. ``Unsupported operand 103``, ``Unsupported global: ...``) after
+    ``WeightsUnpickler error:``; other errors keep their first line."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()
+        return f"refused by torch.load(weights_only=True): {detail[0] if detail else 'unsupported content'}"[:300]
+    lines = text.strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+
+
 def load_model_file(spec: str, *, reader: ObjectReader | None = None) -> ModelFile:
     """Load a model file from a local path, an ``s3://`` URI or ``bundled:NAME``.
 
@@ -181,7 +193,7 @@ def load_model_file(spec: str, *, reader: ObjectReader | None = None) -> ModelFi
     try:
         obj = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and unpickler errors all mean "not a model file"
-        raise ModelFileError(f"{spec} is not an invsort model file ({type(exc).__name__}: {exc})"[:500]) from None
+        raise ModelFileError(f"{spec} is not an invsort model file ({_load_error_reason(exc)})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ModelFileError(
             f"{spec} is not an invsort model file (expected format {FORMAT!r}); "
