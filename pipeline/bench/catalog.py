@@ -153,9 +153,9 @@ def bench_upserts(url: str, *, rows: int = 100_000, batch_size: int = 256) -> di
     """
     if rows < 1 or batch_size < 1:
         raise ValueError(f"rows and batch_size must be at least 1, got rows={rows}, batch_size={batch_size}")
-    job_id = str(uuid.uuid4())
-    first, second = make_rows(rows, job_id=job_id, seed=0), make_rows(rows, job_id=job_id, seed=1)
-    with scratch_database(url) as scratch:
+    with scratch_database(url) as scratch:  # refuses a URL it cannot use before any row is built
+        job_id = str(uuid.uuid4())
+        first, second = make_rows(rows, job_id=job_id, seed=0), make_rows(rows, job_id=job_id, seed=1)
         with session_scope(scratch) as session:  # connect (and warm the pool) before the clock starts
             session.execute(text("SELECT 1"))
         fresh_s = _upsert_all(scratch, first, batch_size)
@@ -171,8 +171,8 @@ def bench_upserts(url: str, *, rows: int = 100_000, batch_size: int = 256) -> di
         "backend": make_url(normalise_database_url(url)).get_backend_name(),
         "rows": rows,
         "batch_size": batch_size,
-        "fresh_s": round(fresh_s, 4),
+        "fresh_s": round(fresh_s, 6),
         "fresh_rows_per_s": round(rows / fresh_s),
-        "reupsert_s": round(reupsert_s, 4),
+        "reupsert_s": round(reupsert_s, 6),
         "reupsert_rows_per_s": round(rows / reupsert_s),
     }
