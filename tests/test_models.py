@@ -143,3 +143,56 @@ def test_weights_for_another_architecture_are_refused(tmp_path):
     torch.save(create_model("resnet18", num_classes=3).state_dict(), path)
     with pytest.raises(ModelFileError, match="do not fit mobilenet_v2"):
         create_model("mobilenet_v2", num_classes=3, weights=str(path))
+
+
+# ------------------------------------------------------------------------------ --weights imagenet (torchvision)
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(not MOBILENET_WEIGHTS.exists(), reason="../shared/weights not present (a user's clone)")
+def test_imagenet_weights_come_from_torchvisions_download_cache(tmp_path, monkeypatch):
+    # torch's cache holds the file under the URL's name: a user who downloaded once (or copied it there) is
+    # offline-ready, and no network is touched when it is there.
+    url = tvm.get_model_weights("mobilenet_v2").DEFAULT.url
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / url.rsplit("/", 1)[1]).write_bytes(MOBILENET_WEIGHTS.read_bytes())
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    model = create_model("mobilenet_v2", num_classes=3, weights="imagenet")
+    ref = torch.load(MOBILENET_WEIGHTS, map_location="cpu", weights_only=True)
+    assert torch.equal(model.state_dict()["features.0.0.weight"], ref["features.0.0.weight"])
+    assert model.state_dict()["classifier.1.weight"].shape == (3, 1280)
+
+
+def test_the_custom_cnn_has_no_imagenet_weights():
+    with pytest.raises(ConfigError, match="invsort_cnn has no published ImageNet weights"):
+        create_model("invsort_cnn", num_classes=3, in_chans=1, weights="imagenet")
+
+
+@pytest.mark.slow  # a fresh process: the download must go through a proxy this test controls
+def test_imagenet_weights_offline_fail_in_one_line_naming_the_alternatives(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:  # a loopback port nothing listens on: the "network" refuses at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INVSORT_") and k.lower() != "no_proxy"}
+    env |= {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": f"http://127.0.0.1:{port}",
+            "HTTPS_PROXY": f"http://127.0.0.1:{port}", "http_proxy": f"http://127.0.0.1:{port}"}
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "train", str(root / "examples" / "images"),
+         "--out", str(tmp_path / "m.pt"), "--arch", "mobilenet_v2", "--rgb", "--epochs", "1",
+         "--weights", "imagenet", "--no-progress"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.stderr
+    assert "cannot download the ImageNet weights of mobilenet_v2" in errors[0]
+    assert "--weights PATH.pth" in errors[0] and "--weights s3://" in errors[0]
+    assert not list((tmp_path / "torch").rglob("*.pth"))

@@ -209,3 +209,17 @@ def test_footwear_transfer_learning_sorts_unseen_photos(tmp_path):
     assert result.exit_code == 0, result.output
     assert "sorted 300 images" in result.output
     assert accuracy_of_sort(url) >= 0.85
+
+
+def test_a_photo_network_started_from_random_weights_is_said_loudly():
+    import torch
+
+    from pipeline.training.recipe import build_model
+
+    said: list[str] = []
+    build_model(TrainConfig(arch="mobilenet_v2"), 3, torch.device("cpu"), weights=None, log_fn=said.append)
+    assert len(said) == 1 and said[0].startswith("WARNING: mobilenet_v2 starts from RANDOM weights")
+    assert "--weights imagenet" in said[0]
+    said.clear()
+    build_model(TrainConfig(arch="invsort_cnn", in_chans=1), 3, torch.device("cpu"), weights=None, log_fn=said.append)
+    assert said == []  # the custom CNN has no pretrained weights to miss

@@ -307,7 +307,8 @@ def worker(concurrency: int, loglevel: str, hostname: str | None) -> None:
 @click.argument("data_dir", type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Model file to write.")
 @click.option("--arch", default=None, help="Architecture (see 'invsort models') [default: from the data].")
-@click.option("--weights", default=None, help="ImageNet weights to start from: a local .pth or s3:// URI.")
+@click.option("--weights", default=None, help="ImageNet weights to start from: 'imagenet' (torchvision's published "
+              "weights, downloaded once into torch's cache), a local .pth or an s3:// URI [default: random weights].")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Most epochs [preset: 8 photo, 15 small].")
 @click.option("--batch-size", type=click.IntRange(min=2), default=None)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak AdamW learning rate.")

@@ -118,6 +118,8 @@ def _inception_v3(weights: None = None) -> nn.Module:
     return tvm.inception_v3(weights=weights, aux_logits=False, transform_input=False, init_weights=False)
 
 
+IMAGENET = "imagenet"  # create_model(weights=IMAGENET): torchvision's published weights (imagenet_state_dict)
+
 REGISTRY: dict[str, ArchSpec] = {
     "invsort_cnn": ArchSpec(
         build=lambda n, c: InvsortCNN(n, c),
@@ -176,7 +178,8 @@ def create_model(
         name: a key of :data:`REGISTRY`.
         num_classes: classifier outputs (>= 2).
         in_chans: input channels: 3 (RGB) or 1 (grayscale, custom CNN only).
-        weights: optional ImageNet weights (a plain state dict) as a local path or ``s3://`` URI; every
+        weights: optional ImageNet weights: ``"imagenet"`` (torchvision's published weights, see
+            :func:`imagenet_state_dict`), or a plain state dict as a local path or ``s3://`` URI; every
             tensor but the classifier's and those under the spec's ``unused_prefixes`` (e.g. inception_v3's
             auxiliary head) must match the architecture.
         reader: an object with ``read(uri) -> bytes`` used for ``s3://`` weights
@@ -194,7 +197,7 @@ def create_model(
         raise ConfigError(f"in_chans must be 1 or 3, got {in_chans}")
     model = spec.build(num_classes, in_chans)
     if weights:
-        state = load_state_dict(weights, reader=reader)
+        state = imagenet_state_dict(name) if weights == IMAGENET else load_state_dict(weights, reader=reader)
         unused = [k for k in state if k.startswith(spec.unused_prefixes)]
         if unused:
             log.info("dropped %d tensors of %s that %s does not use (%s)", len(unused), weights, name,
@@ -212,6 +215,35 @@ def create_model(
     return model
 
 
+def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """torchvision's published ImageNet weights for architecture ``name`` (its ``DEFAULT`` weights enum entry),
+    through torchvision's own weights API: read from torch's download cache (``$TORCH_HOME/hub/checkpoints``,
+    default ``~/.cache/torch``) when there, downloaded into it (and its SHA-256 prefix checked) otherwise.
+
+    Raises:
+        ConfigError: ``name`` has no published ImageNet weights (the custom CNN), or they could not be downloaded
+            (offline, proxy, HTTP error): one line naming the local-path and ``s3://`` alternatives.
+    """
+    arch_spec(name)
+    try:
+        enum = tvm.get_model_weights(name).DEFAULT
+    except ValueError:
+        raise ConfigError(
+            f"{name} has no published ImageNet weights; train it from scratch (no --weights) or pick one of "
+            f"{', '.join(n for n in sorted(REGISTRY) if n != name and n != 'invsort_cnn')}"
+        ) from None
+    try:
+        state: dict[str, torch.Tensor] = enum.get_state_dict(progress=False, check_hash=True)
+    except Exception as exc:  # urllib, socket, SSL and hash errors all mean "could not get them"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"cannot download the ImageNet weights of {name} ({enum.url}): {reason}; pass a local file "
+            "(--weights PATH.pth) or an S3 object (--weights s3://bucket/key.pth) instead"[:600]
+        ) from None
+    log.info("ImageNet weights of %s: torchvision's %s", name, enum)
+    return state
+
+
 def load_state_dict(path_or_uri: str, *, reader: ObjectReader | None = None) -> dict[str, torch.Tensor]:
     """Load a plain ``{name: tensor}`` state dict with ``torch.load(..., weights_only=True)``.
 
@@ -219,6 +251,8 @@ def load_state_dict(path_or_uri: str, *, reader: ObjectReader | None = None) -> 
         FileNotFoundError: no such file or object.
         ModelFileError: the file is not a state dict.
     """
+    if path_or_uri == IMAGENET:
+        raise ConfigError("load_state_dict takes a path or s3:// URI; 'imagenet' is resolved by create_model")
     if path_or_uri.startswith("s3://"):
         if reader is None:
             from pipeline.io.storage import make_reader
