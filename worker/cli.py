@@ -59,6 +59,15 @@ def _parse_size(value: str | None) -> tuple[int, int] | None:
 _DEVICE_HELP = "Where the network runs: auto, cpu, cuda or cuda:N (GPU N, 0 first)"
 
 
+def _check_extra(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
+    from pipeline.evaluation.extra import parse_extra
+
+    try:
+        return parse_extra(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _check_device(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     """Every --device option accepts the same names as INVSORT_DEVICE (:func:`pipeline.settings.check_device`)."""
     from pipeline.settings import check_device
@@ -367,6 +376,36 @@ def train(data_dir: str, out: str, image_size: str | None, grayscale: bool | Non
     run_train(data_dir, out, None, overrides=overrides, resume=resume, progress=not no_progress, log_fn=log_line)
 
 
+@main.command("calibrate-ood")
+@click.argument("model")
+@click.argument("data_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="Model file to write (default: overwrite MODEL).")
+@click.option("--tpr", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+              help="Fraction of in-distribution photos the threshold keeps as known.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fit/threshold split of DATA_DIR.")
+@_handle_errors
+def calibrate_ood(model: str, data_dir: str, out: str | None, tpr: float, seed: int) -> None:
+    """Fit the open-set score ("none of my categories") onto MODEL without retraining.
+
+    DATA_DIR holds the model's classes (one sub-folder each; its training photos or photos like them): a seeded
+    70% fits the score (Mahalanobis on the penultimate features), the other 30% sets the threshold for --tpr.
+
+    \b
+    Example:
+      invsort calibrate-ood shoes.pt train/ --out shoes.ood.pt
+    """
+    from pipeline.evaluation.openset import calibrate_ood as run_calibrate
+
+    if out is None and model.startswith("bundled:"):
+        raise click.UsageError("a bundled model cannot be overwritten; give --out")
+    mf = run_calibrate(model, data_dir, out or model, tpr=tpr, seed=seed)
+    assert mf.open_set is not None
+    click.echo(f"open set: {mf.open_set.method} on {mf.open_set.n_fit} images, threshold "
+               f"{mf.open_set.threshold:.6g} for TPR {tpr:.2f} on {mf.open_set.n_val}; wrote {out or model} "
+               f"(version {mf.version})")
+
+
 @main.command("models")
 def models_cmd() -> None:
     """List the architectures that --arch accepts, with their default input size."""
@@ -388,6 +427,11 @@ def model_info(model: str) -> None:
     click.echo(f"input {mf.input_size[0]}x{mf.input_size[1]}x{mf.in_chans}  mean {mf.mean}  std {mf.std}")
     click.echo(f"classes ({mf.num_classes}): {', '.join(mf.class_names)}")
     click.echo(f"temperature {mf.temperature:.3f}  review threshold {mf.review_threshold:.4f}")
+    if mf.open_set is None:
+        click.echo("open set: none (photos of other things are not rejected; fit one with 'invsort calibrate-ood')")
+    else:
+        click.echo(f"open set: {mf.open_set.method}  threshold {mf.open_set.threshold:.6g}  "
+                   f"TPR {mf.open_set.tpr:.2f} (of {mf.open_set.n_val} validation images kept as known)")
     if mf.info.get("best_val_acc") is not None:
         click.echo(f"validation top-1 accuracy {mf.info['best_val_acc']:.4f} (epoch {mf.info.get('best_epoch')})")
     test = mf.info.get("test")
@@ -621,22 +665,48 @@ def data_check(data_dir: str, manifest: str | None, val_fraction: float, test_fr
               help="Images per forward pass.")
 @click.option("--device", default="cpu", show_default=True, callback=_check_device, metavar="DEVICE",
               help=f"{_DEVICE_HELP}.")
+@click.option("--robustness/--no-robustness", default=True, show_default=True,
+              help="Also score DATA_DIR's photos under the shifts real photos show (framing, small product, photo "
+              "backgrounds, JPEG 30, blur, light, rotation, large sources).")
+@click.option("--robustness-per-class", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Photos per class scored under each shift (a seeded subset; 0: all).")
+@click.option("--extra", "extra", multiple=True, metavar="NAME=DIR", callback=_check_extra,
+              help="A further labelled folder (e.g. real photos) scored beside DATA_DIR; repeatable. Folders of "
+              "classes the model does not know are reported as such (how many it sorts automatically).")
+@click.option("--ood", "ood_dir", type=click.Path(file_okay=False), default=None, metavar="OOD_DIR",
+              help="A folder of photos of none of the model's classes: report the open-set score's AUROC and FPR at "
+              "95% TPR against DATA_DIR, and a histogram of the two score distributions.")
 @_handle_errors
-def evaluate(model: str, data_dir: str, out_dir: str, batch_size: int, device: str) -> None:
+def evaluate(model: str, data_dir: str, out_dir: str, batch_size: int, device: str, robustness: bool,
+             robustness_per_class: int, extra: dict[str, str], ood_dir: str | None) -> None:
     """Evaluate MODEL on DATA_DIR (one sub-folder per category, named as the model's classes).
 
     Writes report.json, report.md and plots (confusion matrix, reliability diagram with ECE, training
-    curves, most confident errors) into the --out folder.
+    curves, most confident errors, robustness per shift) into the --out folder.
 
     \b
     Example:
       invsort evaluate bundled:fashion_mnist_cnn examples/images --out report/
+      invsort evaluate shoes.pt holdout/ --out report/ --extra real=real_photos/
     """
     from pipeline.evaluation.report import evaluate as run_evaluate
 
-    r = run_evaluate(model, data_dir, out_dir, batch_size=batch_size, device=device)
+    r = run_evaluate(model, data_dir, out_dir, batch_size=batch_size, device=device, robustness=robustness,
+                     robustness_per_class=robustness_per_class or None, extra=extra, ood=ood_dir)
     click.echo(f"{r['images_evaluated']} images evaluated ({r['images_failed']} failed to decode)")
     click.echo(f"top-1 accuracy {r['accuracy']:.4f}  macro F1 {r['macro_avg']['f1']:.4f}  ECE {r['ece']:.4f}")
+    if r.get("robustness"):
+        worst = max(r["robustness"]["shifts"], key=lambda s: s["accuracy_drop"] if s["n"] else -1.0)
+        click.echo(f"robustness: {len(r['robustness']['shifts'])} shifts; worst {worst['name']} (top-1 "
+                   f"{worst['accuracy']:.4f}, {worst['accuracy_drop']:+.4f} below the photos as they are)")
+    for name, x in (r.get("extra") or {}).items():
+        known = f"top-1 {x['known']['accuracy']:.4f}" if x["known"] else "no photo of the model's classes"
+        unknown = f", {x['unknown']['sorted']} of {x['unknown']['n']} unknown-class photos auto-sorted" \
+            if x["unknown"] else ""
+        click.echo(f"extra {name}: {x['images_evaluated']} images, {known}{unknown}")
+    if (o := r.get("open_set")) is not None:
+        click.echo(f"open set ({o['method']}): AUROC {o['auroc']:.4f}  FPR at 95% TPR {o['fpr_at_95_tpr']:.4f}  "
+                   f"{o['ood_auto_sorted']} of {o['n_ood']} OOD photos auto-sorted")
     click.echo(f"report: {Path(out_dir) / 'report.md'} (and report.json, *.png)")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,18 @@ import numpy as np
 
 from pipeline.errors import ConfigError
 from pipeline.evaluation.calibration import coverage_precision_curve, selective_scores
+from pipeline.evaluation.extra import extra_markdown, score_extra_folder
 from pipeline.evaluation.metrics import compute_metrics
+from pipeline.evaluation.openset import markdown as openset_markdown
+from pipeline.evaluation.openset import ood_section
+from pipeline.evaluation.robustness import (
+    DEFAULT_PER_CLASS,
+    plot_examples,
+    plot_robustness,
+    robustness_markdown,
+    robustness_report,
+    shift_examples,
+)
 from pipeline.io.files import atomic_path, atomic_write_text
 from pipeline.io.folders import Arrays, load_images, scan_folder
 from pipeline.progress import progress as progress_display
@@ -56,7 +68,8 @@ def load_labelled(
 
 def evaluate(
     model_spec: str, data_dir: str | Path, out_dir: str | Path, *, batch_size: int = 128, device: str = "cpu",
-    progress: bool = False,
+    progress: bool = False, robustness: bool = False, robustness_per_class: int | None = DEFAULT_PER_CLASS,
+    extra: Mapping[str, str | Path] | None = None, seed: int = 0, ood: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model on a labelled folder-per-category tree and write a report.
 
@@ -67,7 +80,10 @@ def evaluate(
     Writes into ``out_dir`` (each file atomically): ``report.json`` (the metrics of
     :func:`pipeline.evaluation.metrics.compute_metrics` plus model name/version and counts), ``report.md``,
     ``confusion_matrix.png``, ``reliability.png``, ``coverage_precision.png``, ``most_confident_errors.png`` and
-    ``training_curves.png`` (only when the model file has ``info["history"]``).
+    ``training_curves.png`` (only when the model file has ``info["history"]``). With ``robustness`` also a
+    ``robustness`` section (:func:`pipeline.evaluation.robustness.robustness_report`: the photos under the shifts
+    real photos show), ``robustness.png`` and ``robustness_examples.png``; with ``extra`` an ``extra`` section per
+    folder (:func:`pipeline.evaluation.extra.score_extra_folder`).
 
     Args:
         model_spec: model file path, ``s3://`` URI or ``bundled:NAME``.
@@ -76,6 +92,12 @@ def evaluate(
         batch_size: images per forward pass.
         device: ``auto``, ``cpu`` or ``cuda``.
         progress: show progress (:func:`pipeline.progress.progress`: a bar on a terminal, log lines elsewhere).
+        robustness: score the shifts too (on at most ``robustness_per_class`` photos per class, seeded by
+            ``seed``; 0 or None: all). Off here to keep library calls cheap; ``invsort evaluate`` turns it on.
+        extra: ``{name: folder}`` of further labelled folders (real photos) scored beside ``data_dir``; their
+            sub-folders may be classes the model does not know.
+        ood: a folder of photos of none of the model's classes (any depth): an ``open_set`` section
+            (:func:`pipeline.evaluation.openset.open_set_report`: AUROC, FPR at 95 % TPR, ``openset_hist.png``).
 
     Returns:
         The report dict written to ``report.json``.
@@ -97,6 +119,10 @@ def evaluate(
         raise ConfigError(f"no decodable image in {data_dir} ({len(data.failed)} failed)")
     with Predictor(mf, PredictorOptions(device=device)) as predictor:  # closes its forward threads
         probs = _predict_probs(predictor, data.images, batch_size, progress=progress)
+        off = _off_distribution(mf, data, lambda x: _predict_probs(predictor, x, batch_size, progress=False),
+                                robustness=robustness, per_class=robustness_per_class, extra=extra or {}, seed=seed,
+                                progress=progress)
+        open_set = ood_section(predictor, data.images, ood, out_dir, batch_size=batch_size) if ood else None
     y_true, y_pred = data.labels, probs.argmax(axis=1)
     metrics = compute_metrics(y_true, y_pred, probs, mf.class_names)
     metrics["at_threshold"] = selective_scores(probs, y_true, mf.review_threshold)
@@ -114,9 +140,45 @@ def evaluate(
         "plots": _plot_all(data.images, y_true, probs, metrics, mf.class_names, mf.review_threshold,
                            mf.info.get("history") or [], out_dir),
     }
+    off_md = _write_off_distribution(report, off, data, mf, out_dir)
+    if open_set is not None:  # --ood: AUROC, FPR at 95 % TPR and the score histogram (pipeline.evaluation.openset)
+        report["open_set"] = open_set
+        off_md += openset_markdown(open_set)
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(out_dir / "report.md", _markdown(report, mf.class_names))
+    atomic_write_text(out_dir / "report.md", _markdown(report, mf.class_names) + off_md)
     return report
+
+
+def _off_distribution(
+    mf: Any, data: Arrays, predict: Any, *, robustness: bool, per_class: int | None, extra: Mapping[str, str | Path],
+    seed: int, progress: bool,
+) -> dict[str, Any]:
+    """The robustness report (or None) and each extra folder's scores, with the model's ``predict``."""
+    threshold, target = mf.review_threshold, (mf.info.get("threshold") or {}).get("target_precision")
+    shifted = robustness_report(
+        list(zip(data.paths, data.labels.tolist(), strict=True)), size=mf.input_size, in_chans=mf.in_chans,
+        predict=predict, threshold=threshold, per_class=per_class, seed=seed, progress=progress,
+    ) if robustness else None
+    scored = {name: score_extra_folder(folder, class_names=list(mf.class_names), size=mf.input_size,
+                                       in_chans=mf.in_chans, predict=predict, threshold=threshold,
+                                       target_precision=target, progress=progress)
+              for name, folder in extra.items()}
+    return {"robustness": shifted, "extra": scored, "target_precision": target}
+
+
+def _write_off_distribution(report: dict[str, Any], off: dict[str, Any], data: Arrays, mf: Any, out_dir: Path) -> str:
+    """Put ``off`` into ``report``, draw the robustness plots; returns the Markdown sections."""
+    report["robustness"], report["extra"] = off["robustness"], off["extra"]
+    md = ""
+    if off["robustness"] is not None:
+        plot_robustness(off["robustness"], out_dir / "robustness.png", target_precision=off["target_precision"])
+        examples = shift_examples(Path(data.paths[0]).read_bytes(), size=mf.input_size, in_chans=mf.in_chans)
+        plot_examples(examples, out_dir / "robustness_examples.png")
+        off["robustness"]["plots"] = ["robustness.png", "robustness_examples.png"]
+        md += robustness_markdown(off["robustness"], target_precision=off["target_precision"])
+    for name, scored in off["extra"].items():
+        md += extra_markdown(name, scored, list(mf.class_names))
+    return md
 
 
 def _predict_probs(predictor: Any, images: np.ndarray, batch_size: int, *, progress: bool) -> np.ndarray:

@@ -19,6 +19,7 @@ import torch
 from pipeline.errors import ConfigError
 from pipeline.io.images import to_model_input
 from pipeline.models.modelfile import ModelFile
+from pipeline.models.openset import UNKNOWN
 from pipeline.models.runtimes import RuntimeSession, check_runtime_name, load_session
 from pipeline.records import Item, ItemResult
 
@@ -184,7 +185,7 @@ class Predictor:
         self.cpu_microbatch = opts.cpu_microbatch
         stream_threads = max(1, budget // self.cpu_streams)
         if self.runtime == "torch":
-            self.model = model_file.build().to(self.device).to(memory_format=torch.channels_last)
+            self.model = model_file.build_scoring().to(self.device).to(memory_format=torch.channels_last)
         else:
             self.session = load_session(model_file, self.runtime, cache_dir=opts.runtime_cache_dir,
                                         num_threads=stream_threads)
@@ -193,6 +194,8 @@ class Predictor:
         self.std = torch.tensor(model_file.std, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
         self.class_names = list(model_file.class_names)
         self.k = min(TOP_K, len(self.class_names))
+        self.open_set = model_file.open_set
+        self.output_width = model_file.output_width  # the classes, then the open-set score column if any
         self.temperature = float(model_file.temperature) or 1.0
         self.review_threshold = (
             model_file.review_threshold if opts.review_threshold is None else float(opts.review_threshold)
@@ -254,6 +257,11 @@ class Predictor:
         Returns:
             ``(N, num_classes)`` float32 on the CPU.
         """
+        return self.predict_outputs(batch)[:, : len(self.class_names)]
+
+    def predict_outputs(self, batch: torch.Tensor) -> torch.Tensor:
+        """:meth:`predict_logits`, followed by the open-set score column when the model file has one
+        (``(N, output_width)`` float32 on the CPU)."""
         x = batch.to(self.device, non_blocking=True)
         if self.device.type == "cpu" and x.shape[0] > self.cpu_microbatch:
             parts = list(torch.split(x, self.cpu_microbatch))
@@ -263,8 +271,9 @@ class Predictor:
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """One forward pass (in the calling thread): ``(N, H, W, C)`` uint8 on the device → float32 logits on
-        the CPU. Inference mode is per thread, so it is entered here, in the stream thread."""
+        """One forward pass (in the calling thread): ``(N, H, W, C)`` uint8 on the device → float32 outputs
+        (logits, then the open-set score if any) on the CPU. Inference mode is per thread, so it is entered
+        here, in the stream thread."""
         if self.session is not None:
             with torch.inference_mode():
                 inputs = to_model_input(x, self.mean, self.std).contiguous()  # ONNX graphs take plain NCHW
@@ -283,11 +292,23 @@ class Predictor:
             ``(N, num_classes)`` float32 on :attr:`device` (softmax of float32 logits / temperature); on CUDA
             the work is queued on the current stream, not waited for.
         """
+        return self.scored_on_device(batch)[:, : len(self.class_names)]
+
+    def scored_on_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """:meth:`probs_on_device`, followed by the open-set score column when the model file has one: what
+        :meth:`results` takes."""
         with torch.inference_mode():
-            return torch.softmax(self._logits(batch).float() / self.temperature, dim=1)
+            return self._scored(self._logits(batch).float())
+
+    def _scored(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Network outputs → softmax of the logits / temperature, the open-set score column (if any) kept."""
+        k = len(self.class_names)
+        probs = torch.softmax(outputs[:, :k] / self.temperature, dim=1)
+        return probs if outputs.shape[1] == k else torch.cat([probs, outputs[:, k:]], dim=1)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, H, W, C)`` uint8 on the device → ``(N, num_classes)`` logits there (fp16 under CUDA autocast).
+        """``(N, H, W, C)`` uint8 on the device → ``(N, output_width)`` logits (and score) there (fp16 under CUDA
+        autocast).
         A compiled network sees only ``static_batch``-image batches: others are split and zero-padded."""
         assert self.model is not None
         step = self.static_batch
@@ -313,24 +334,45 @@ class Predictor:
         Returns:
             ``(N, num_classes)`` float32 on the CPU, rows summing to 1 (softmax of logits / temperature).
         """
-        logits = self.predict_logits(batch)
+        return self.predict_scored(batch)[:, : len(self.class_names)]
+
+    def predict_scored(self, batch: torch.Tensor) -> torch.Tensor:
+        """:meth:`predict_probs`, followed by the open-set score column when the model file has one: what
+        :meth:`results` takes (``(N, output_width)`` float32 on the CPU)."""
+        outputs = self.predict_outputs(batch)
         with torch.inference_mode():
-            return torch.softmax(logits / self.temperature, dim=1)
+            return self._scored(outputs)
+
+    def unknown(self, scored: torch.Tensor) -> list[bool]:
+        """Per row of ``scored`` (:meth:`predict_scored`'s output): whether the open-set score says "none of my
+        categories" (below the model file's threshold; a NaN score too). All False without an open-set score."""
+        k = len(self.class_names)
+        if self.open_set is None or scored.shape[1] <= k:
+            return [False] * scored.shape[0]
+        return (~(scored[:, k] >= self.open_set.threshold)).tolist()
 
     def results(self, items: list[Item], probs: torch.Tensor, job_id: str | None) -> list[ItemResult]:
-        """Rows for ``items`` (same order as ``probs``' rows)."""
-        top_p, top_i = probs.topk(self.k, dim=1)
+        """Rows for ``items`` (same order as ``probs``' rows).
+
+        ``probs`` is :meth:`predict_scored`'s output (or plain probabilities). A row is ``sorted`` when its
+        confidence reaches the review threshold and the open-set score does not call it unknown; otherwise
+        ``needs_review``, with ``error`` = ``unknown`` (:data:`pipeline.models.openset.UNKNOWN`) when the open-set
+        score rejected it, so such a row is never auto-sorted whatever its confidence.
+        """
+        unknown = self.unknown(probs)
+        top_p, top_i = probs[:, : len(self.class_names)].topk(self.k, dim=1)
         top_p_l, top_i_l = top_p.tolist(), top_i.tolist()
         names = self.class_names
         mf = self.model_file
         out = []
-        for item, ps, ix in zip(items, top_p_l, top_i_l, strict=True):
+        for item, ps, ix, unk in zip(items, top_p_l, top_i_l, unknown, strict=True):
             conf = ps[0]
             out.append(
                 ItemResult(
                     item_id=item.item_id,
                     image_uri=item.uri,
-                    status="sorted" if conf >= self.review_threshold else "needs_review",
+                    status="sorted" if conf >= self.review_threshold and not unk else "needs_review",
+                    error=UNKNOWN if unk else None,
                     category=names[ix[0]],
                     confidence=conf,
                     topk=[[names[i], round(p, 6)] for i, p in zip(ix, ps, strict=True)],

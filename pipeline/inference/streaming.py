@@ -292,7 +292,7 @@ class _BatchRunner:
             for _ in range(depth):
                 slot = _Slot(
                     host_in=torch.empty(shape, dtype=torch.uint8, pin_memory=True),
-                    host_out=torch.empty((batch_size, len(predictor.class_names)), pin_memory=True),
+                    host_out=torch.empty((batch_size, predictor.output_width), pin_memory=True),
                     stream=torch.cuda.Stream(device=predictor.device),
                     done=torch.cuda.Event(),
                 )
@@ -309,7 +309,7 @@ class _BatchRunner:
             return _Launched(chunk, reasons, [], None)
         if not self.slots and not jpegs:  # the CPU path: one synchronous forward pass
             batch = torch.from_numpy(np.stack([a for _, a in arrays]))
-            return _Launched(chunk, reasons, [i for i, _ in arrays], p.predict_probs(batch))
+            return _Launched(chunk, reasons, [i for i, _ in arrays], p.predict_scored(batch))
 
         slot = self.slots[self.turn % len(self.slots)] if self.slots else None
         self.turn += 1
@@ -330,9 +330,9 @@ class _BatchRunner:
                 return _Launched(chunk, reasons, [], None)
             x = torch.cat(parts) if len(parts) > 1 else parts[0]
             if slot is None:
-                return _Launched(chunk, reasons, order, p.predict_probs(x))
+                return _Launched(chunk, reasons, order, p.predict_scored(x))
             out = slot.host_out[: len(order)]
-            out.copy_(p.probs_on_device(x), non_blocking=True)
+            out.copy_(p.scored_on_device(x), non_blocking=True)
             slot.done.record(slot.stream)
         return _Launched(chunk, reasons, order, out, slot.done)
 

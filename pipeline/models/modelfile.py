@@ -5,7 +5,10 @@ Layout (every value is a type that ``torch.load(..., weights_only=True)`` accept
     {"format": "invsort-model/1", "arch": "mobilenet_v2", "class_names": [...],
      "in_chans": 3, "input_size": [H, W], "mean": [...], "std": [...],
      "version": "<12 hex chars: sha256 of the weights and fields>", "state_dict": {...},
-     "temperature": 1.0, "review_threshold": 0.0, "created_at": "ISO-8601", "info": {...}}
+     "temperature": 1.0, "review_threshold": 0.0, "created_at": "ISO-8601", "info": {...},
+     "open_set": {"method": "mahalanobis", "threshold": ..., "tpr": 0.95, "whiten": tensor, "centers": tensor}}
+
+``open_set`` (:mod:`pipeline.models.openset`) is optional: a file without it (older ones) loads and rejects nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import nn
 
 from pipeline.errors import ConfigError, ModelFileError
 from pipeline.io.files import atomic_path
+from pipeline.models.openset import OpenSet, OpenSetNet
 from pipeline.models.registry import arch_spec, create_model
 
 if TYPE_CHECKING:
@@ -50,6 +54,7 @@ class ModelFile:
     review_threshold: float = 0.0
     created_at: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    open_set: OpenSet | None = None
 
     @property
     def num_classes(self) -> int:
@@ -61,10 +66,22 @@ class ModelFile:
         model.load_state_dict(self.state_dict, strict=True)
         return model.eval()
 
+    def build_scoring(self) -> nn.Module:
+        """:meth:`build`, wrapped in :class:`pipeline.models.openset.OpenSetNet` when the file has an open-set
+        score: ``(N, num_classes + 1)`` outputs, the logits then the score. Without one, :meth:`build`."""
+        model = self.build()
+        return model if self.open_set is None else OpenSetNet(model, self.open_set).eval()
+
+    @property
+    def output_width(self) -> int:
+        """Columns of :meth:`build_scoring`'s output: the classes, plus one for the open-set score."""
+        return self.num_classes + (self.open_set is not None)
+
 
 def model_version(mf: ModelFile, state_dict: dict[str, torch.Tensor] | None = None) -> str:
     """12 hex chars of a SHA-256 over everything that changes a prediction: architecture, class names, input
-    size, channels, mean/std, temperature, review threshold, and the weights' names, shapes and bytes.
+    size, channels, mean/std, temperature, review threshold, the open-set score (method, threshold, TPR, tensors;
+    nothing for a file without one, so older files keep their version), and the weights' names, shapes and bytes.
 
     Same content, same version; retraining, recalibrating or moving the threshold gives a new one.
     """
@@ -73,6 +90,9 @@ def model_version(mf: ModelFile, state_dict: dict[str, torch.Tensor] | None = No
             [float(x) for x in mf.mean], [float(x) for x in mf.std], float(mf.temperature),
             float(mf.review_threshold)]
     h.update(repr(meta).encode())
+    if mf.open_set is not None:
+        for part in mf.open_set.hash_parts():
+            h.update(part)
     state = mf.state_dict if state_dict is None else state_dict
     for key in sorted(state):
         t = state[key].detach().cpu().contiguous()
@@ -101,6 +121,8 @@ def save_model_file(mf: ModelFile, path: str | Path) -> str:
         "created_at": mf.created_at or dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "info": mf.info,
     }
+    if mf.open_set is not None:
+        payload["open_set"] = mf.open_set.to_dict()
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return mf.version
@@ -155,6 +177,21 @@ def _check_weights(mf: ModelFile, what: str) -> None:
             problems.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]}")
         raise ModelFileError(f"{what}: the weights do not fit {mf.arch} with {mf.in_chans} channel(s) and "
                              f"{mf.num_classes} classes: " + "; ".join(problems))
+
+
+def _check_open_set(mf: ModelFile, what: str) -> None:
+    """Refuse an open-set entry whose tensors do not fit the classes and the classifier's input width.
+
+    Raises:
+        ModelFileError: ``centers`` is not ``(num_classes, D)`` or ``whiten`` not ``(D, D)``.
+    """
+    os_ = mf.open_set
+    if os_ is None:
+        return
+    c, d = (tuple(os_.centers.shape) + (0, 0))[:2]
+    if os_.centers.dim() != 2 or c != mf.num_classes or tuple(os_.whiten.shape) != (d, d):
+        raise ModelFileError(f"{what}: open-set tensors of shapes {tuple(os_.centers.shape)} and "
+                             f"{tuple(os_.whiten.shape)} do not fit {mf.num_classes} classes")
 
 
 def _load_error_reason(exc: Exception) -> str:
@@ -213,6 +250,7 @@ def load_model_file(spec: str, *, reader: ObjectReader | None = None) -> ModelFi
             review_threshold=float(obj.get("review_threshold", 0.0)),
             created_at=str(obj.get("created_at", "")),
             info=dict(obj.get("info", {})),
+            open_set=OpenSet.from_dict(obj["open_set"]) if obj.get("open_set") is not None else None,
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise ModelFileError(f"{spec} is a damaged invsort model file: missing or bad field {exc}") from None
@@ -221,5 +259,6 @@ def load_model_file(spec: str, *, reader: ObjectReader | None = None) -> ModelFi
     if len(set(mf.class_names)) != len(mf.class_names) or len(mf.class_names) < 2:
         raise ModelFileError(f"{spec}: class names must be at least 2 and distinct")
     _check_weights(mf, f"model file {spec}")
+    _check_open_set(mf, f"model file {spec}")
     mf.name = spec if spec.startswith(BUNDLED_PREFIX) else f"{mf.arch}:{Path(path).stem}"
     return mf

@@ -9,7 +9,9 @@ is sorted: a runtime that disagrees is refused.
 
 The ONNX graph takes what :func:`pipeline.io.images.to_model_input` makes, as a contiguous ``(N, C, H, W)``
 float32 array with a dynamic batch axis and the model file's fixed ``(H, W)``, and returns ``(N, num_classes)``
-float32 logits. Temperature and softmax stay in :class:`pipeline.inference.predictor.Predictor`, shared by all runtimes.
+float32 logits (followed by the open-set score column when the model file has one,
+:meth:`pipeline.models.modelfile.ModelFile.build_scoring`). Temperature and softmax stay in
+:class:`pipeline.inference.predictor.Predictor`, shared by all runtimes.
 
 These runtimes run on the CPU only; CUDA inference is always PyTorch's (see ``Predictor``).
 """
@@ -141,7 +143,7 @@ def export_onnx(model_file: ModelFile, path: str | Path, *, runtime: str = "onnx
     """
     _require("onnx", runtime)
     _require("onnxscript", runtime)  # torch's ONNX exporter (dynamo=True) is built on it
-    model = model_file.build()
+    model = model_file.build_scoring()  # logits, plus the open-set score column when the file has one
     h, w = model_file.input_size
     example = torch.zeros(EXPORT_BATCH, model_file.in_chans, h, w)
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -238,6 +240,15 @@ def check_equivalence(model: torch.nn.Module, session: RuntimeSession, model_fil
             f"INVSORT_RUNTIME={session.runtime}: {session.onnx_path} gives logits of shape {got.shape}, "
             f"PyTorch {ref.shape}; delete the file or use INVSORT_RUNTIME=torch"
         )
+    k = model_file.num_classes
+    if ref.shape[1] > k:  # the open-set score column (pipeline.models.openset): its own relative tolerance
+        score_diff = float(np.abs(got[:, k:] - ref[:, k:]).max())
+        if not np.isfinite(score_diff) or score_diff > ATOL + RTOL * float(np.abs(ref[:, k:]).max()):
+            raise ConfigError(
+                f"INVSORT_RUNTIME={session.runtime} disagrees with PyTorch on {model_file.name or model_file.arch}'s "
+                f"open-set score: max difference {score_diff:.3g}; use INVSORT_RUNTIME=torch"
+            )
+        got, ref = got[:, :k], ref[:, :k]
     diff = float(np.abs(got - ref).max())
     tol = ATOL + RTOL * float(np.abs(ref).max())
     top2 = np.sort(ref, axis=1)[:, -2:]
@@ -293,7 +304,7 @@ def load_session(
         exported = True
         session = cls(path, num_threads=threads)
     session.exported = exported
-    session.check = check = check_equivalence(model_file.build(), session, model_file)
+    session.check = check = check_equivalence(model_file.build_scoring(), session, model_file)
     log.info(
         "%s session on %s (%s, %d threads): max |logit diff| vs torch %.2g, top-1 %d/%d",
         runtime, path.name, "exported" if exported else "cached", threads, check.max_abs_diff, check.top1_agree,

@@ -15,11 +15,13 @@ One call of :func:`train` does what a catalogue team needs, in this order:
    accuracy) and last checkpoints in ``<model>.ckpt/`` (``--resume``).
 4. **Calibrate**: temperature scaling on the validation split, then the review threshold for a target precision
    (:mod:`pipeline.evaluation.calibration`); both go into the model file and the worker obeys them.
-5. **Score** the held-out test split, and write the model file and its model card (``<model>.card.md``).
+5. **Open set**: the "none of my categories" score (:mod:`pipeline.models.openset`), fitted on the training split's
+   features, its threshold chosen for ``open_set_tpr`` of the validation split; rows it rejects go to review.
+6. **Score** the held-out test split, and write the model file and its model card (``<model>.card.md``).
 
 :func:`train` is a short recipe over these named steps (:func:`check_and_split` or :func:`from_checkpoint`,
 :func:`resolve_recipe`, :func:`load_split_images`, :func:`build_model`, :func:`fit_model`, :func:`calibrate`,
-:func:`score_test_split`); the epoch loop, the learning-rate schedule and early stopping are
+:func:`fit_open_set_step`, :func:`score_test_split`); the epoch loop, the learning-rate schedule and early stopping are
 :mod:`pipeline.training.loop`, checkpoints and the files beside the model :mod:`pipeline.training.checkpoints`.
 
 Runs are repeatable on the CPU for a given seed and thread count: the split, the sampling order, every random
@@ -28,6 +30,7 @@ augmentation and dropout are drawn from seeded generators, and a resumed run con
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -54,6 +57,7 @@ from pipeline.io.folders import Arrays, load_images, read_image
 from pipeline.io.images import MIN_SIDE_PX
 from pipeline.models.modelcard import write_model_card
 from pipeline.models.modelfile import ModelFile, save_model_file
+from pipeline.models.openset import OpenSet, fit_open_set
 from pipeline.models.registry import arch_spec, create_model
 from pipeline.training.checkpoints import checkpoint_dir, load_checkpoint, model_card_path, split_manifest_path
 from pipeline.training.dataprep import (
@@ -123,6 +127,7 @@ class TrainConfig:
     amp: bool = True  # mixed precision for the training steps: on CUDA bf16 where supported, else fp16 + GradScaler;
     # on a CPU with native bf16 (cpu_has_native_bf16) bf16 autocast. Validation, calibration and test stay float32.
     freeze_backbone: bool = False  # train the classifier only (a linear probe)
+    open_set_tpr: float = 0.95  # the open-set score's threshold keeps this fraction of validation rows; 0 = no score
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad value and its valid range."""
@@ -136,6 +141,7 @@ class TrainConfig:
             ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
             ("patience", self.patience >= 0, ">= 0"),
             ("target_precision", 0 < self.target_precision <= 1, "in (0, 1]"),
+            ("open_set_tpr", 0 <= self.open_set_tpr <= 1, "in [0, 1] (0: no open-set score)"),
             ("threshold_confidence", 0.5 <= self.threshold_confidence < 1, "in [0.5, 1)"),
             ("balance", self.balance in BALANCE_MODES, f"one of {', '.join(BALANCE_MODES)}"),
             ("in_chans", self.in_chans in (1, 3), "1 or 3"),
@@ -452,11 +458,37 @@ def calibrate(
     return calibration, choice.to_dict()
 
 
+OPEN_SET_MAX_FIT = 10_000  # training images whose features fit the open-set score (a seeded sample above that)
+
+
+def fit_open_set_step(
+    model: nn.Module, train_set: Arrays, val_set: Arrays, inputs: ModelInputs, cfg: TrainConfig, *,
+    num_classes: int, log_fn: Callable[[str], None],
+) -> OpenSet | None:
+    """Step 7: the open-set score (:mod:`pipeline.models.openset`, Mahalanobis on the penultimate features, Lee et
+    al. 2018): class means and shared covariance of the training split's features (un-augmented; a seeded sample
+    of :data:`OPEN_SET_MAX_FIT` at most), threshold keeping ``cfg.open_set_tpr`` of the validation split as known.
+    None when ``cfg.open_set_tpr`` is 0 or there is no validation split (such a model rejects nothing)."""
+    if not cfg.open_set_tpr or not len(val_set.labels):
+        log_fn("open-set score: not fitted (" + ("open_set_tpr=0" if not cfg.open_set_tpr else "no validation split")
+               + "); unknown photos are not rejected")
+        return None
+    idx = np.arange(len(train_set.labels))
+    if len(idx) > OPEN_SET_MAX_FIT:
+        idx = np.sort(np.random.default_rng(cfg.seed).choice(idx, OPEN_SET_MAX_FIT, replace=False))
+    cpu_copy = copy.deepcopy(model).cpu().eval()
+    fitted = fit_open_set(lambda: copy.deepcopy(cpu_copy), inputs.mean, inputs.std, num_classes,
+                          (train_set.images[idx], train_set.labels[idx]), val_set.images, tpr=cfg.open_set_tpr)
+    log_fn(f"open-set score: {fitted.method} on {fitted.n_fit} training images, threshold {fitted.threshold:.4g} "
+           f"keeps {fitted.tpr:.0%} of {fitted.n_val} validation images as known")
+    return fitted
+
+
 def score_test_split(
     model: nn.Module, test_set: Arrays, inputs: ModelInputs, mf: ModelFile, *, device: torch.device,
     log_fn: Callable[[str], None],
 ) -> dict[str, Any] | None:
-    """Step 7: :func:`pipeline.evaluation.report.compute_metrics` (without the reliability bins) of the held-out
+    """Step 8: :func:`pipeline.evaluation.report.compute_metrics` (without the reliability bins) of the held-out
     test split with ``mf``'s temperature, plus ``at_threshold`` (:func:`selective_scores` at its review
     threshold); None without a test split."""
     if not len(test_set.labels):
@@ -555,6 +587,8 @@ def train(
     best_state = load_checkpoint(ckdir / "best.pt")["model"]
     model.load_state_dict(best_state)
     calibration, threshold = calibrate(model, arrays["val"], inputs, cfg, device=device, log_fn=log_fn)
+    open_set = fit_open_set_step(model, arrays["train"], arrays["val"], inputs, cfg,
+                                 num_classes=len(data.class_names), log_fn=log_fn)
     best, _, _ = track_validation(fitted.state.history)
     info: dict[str, Any] = {
         "recipe": recipe, "data": data.summary, "class_counts": data.summary["class_counts"],
@@ -566,7 +600,7 @@ def train(
     mf = ModelFile(arch=cfg.arch, class_names=data.class_names, in_chans=cfg.in_chans, input_size=inputs.size,
                    mean=inputs.mean, std=inputs.std, state_dict=best_state,
                    temperature=float(calibration["temperature"]), review_threshold=float(threshold["threshold"]),
-                   info=info, created_at=datetime.now(UTC).isoformat(timespec="seconds"))
+                   info=info, created_at=datetime.now(UTC).isoformat(timespec="seconds"), open_set=open_set)
     if (test := score_test_split(model, arrays["test"], inputs, mf, device=device, log_fn=log_fn)) is not None:
         info["test"] = test
     info["train_seconds"] = time.perf_counter() - t_start
