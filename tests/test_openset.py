@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from worker.cli import main
 
 MODEL = "bundled:fashion_mnist_cnn"
 REAL_TAR = SHARED / "data" / "real_photos_dev.tar"
+DEV_MODEL = Path(os.environ.get("INVSORT_DEV_MODEL", "-"))  # a footwear model, e.g. 1 epoch of `invsort train`
+DEV_TRAIN = Path(os.environ.get("INVSORT_DEV_TRAIN", "-"))  # its training photos, DIR/{Boot,Sandal,Shoe}
 
 
 def _examples(mf):
@@ -125,20 +128,21 @@ def test_evaluate_ood_writes_auroc_fpr95_and_the_histogram(fitted_model, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not REAL_TAR.exists() or not Path("/tmp/fw/shoes.pt").exists(),
-                    reason="needs ../shared/data/real_photos_dev.tar and the dev footwear model /tmp/fw/shoes.pt")
+@pytest.mark.skipif(not REAL_TAR.exists() or not DEV_MODEL.is_file() or not DEV_TRAIN.is_dir(),
+                    reason="needs ../shared/data/real_photos_dev.tar, INVSORT_DEV_MODEL (a footwear model file) and "
+                    "INVSORT_DEV_TRAIN (its training photos)")
 def test_real_not_footwear_photos_are_mostly_not_auto_sorted_by_the_dev_model(tmp_path):
     """The dev model (mobilenet_v2 trained on catalogue footwear) with the score fitted on its training photos."""
     with tarfile.open(REAL_TAR) as tar:
         tar.extractall(tmp_path, filter="data")
     ood = next(tmp_path.rglob("not_footwear"))
-    src = Path("/tmp/fw/train")
+    src = DEV_TRAIN
     fit_dir = tmp_path / "fit"
     for c in ("Boot", "Sandal", "Shoe"):  # a small seeded subset keeps the test short
         (fit_dir / c).mkdir(parents=True)
         for p in sorted((src / c).iterdir())[:300]:
             (fit_dir / c / p.name).symlink_to(p)
-    result = CliRunner().invoke(main, ["calibrate-ood", "/tmp/fw/shoes.pt", str(fit_dir), "--out",
+    result = CliRunner().invoke(main, ["calibrate-ood", str(DEV_MODEL), str(fit_dir), "--out",
                                        str(tmp_path / "shoes.pt")])
     assert result.exit_code == 0, result.output
     mf = load_model_file(str(tmp_path / "shoes.pt"))
