@@ -172,3 +172,14 @@ def _item(i: int):
     from pipeline.records import Item
 
     return Item(str(i), str(i))
+
+
+def test_the_model_card_says_which_open_set_score_and_threshold(fitted_model):
+    from pipeline.models.modelcard import model_card
+
+    fitted = load_model_file(str(fitted_model))
+    section = model_card(fitted).split('## Open-set rejection ("none of my categories")', 1)[1].split("\n## ", 1)[0]
+    assert "mahalanobis score" in section and f"threshold {fitted.open_set.threshold:.6g}" in section
+    assert f"keep {fitted.open_set.tpr:.0%} of {fitted.open_set.n_val} validation images" in section
+    bare = model_card(load_model_file(MODEL)).split("## Open-set rejection", 1)[1].split("\n## ", 1)[0]
+    assert "Not fitted" in bare

@@ -99,6 +99,7 @@ def model_card(mf: ModelFile) -> str:
            if thr.get("precision_bound") is not None else "")
         + ("" if thr.get("met") else " (target NOT reached)"),
     ]
+    lines += ["", "## Open-set rejection (\"none of my categories\")", "", _open_set_line(mf)]
     lines += ["", "## Metrics on the held-out test split", ""]
     if test:
         sel = test.get("at_threshold", {})
@@ -121,6 +122,16 @@ def model_card(mf: ModelFile) -> str:
     else:
         lines.append("No test split (the data set was too small, or test_fraction was 0).")
     return "\n".join(lines) + "\n"
+
+
+def _open_set_line(mf: ModelFile) -> str:
+    o = mf.open_set
+    if o is None:
+        return ("Not fitted: every photo is given one of the classes above (fit one with `invsort calibrate-ood`).")
+    return (f"{o.method} score on the penultimate features (Lee et al. 2018), fitted on {o.n_fit} training images; "
+            f"threshold {o.threshold:.6g}, chosen to keep {o.tpr:.0%} of {o.n_val} validation images as known. Rows "
+            "scoring below it get `needs_review` with the reason `unknown`, whatever their confidence. Measure it on "
+            "photos of other things with `invsort evaluate MODEL DIR --ood OOD_DIR` (AUROC, FPR at 95 % TPR).")
 
 
 def write_model_card(mf: ModelFile, path: str | Path) -> Path:
