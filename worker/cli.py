@@ -325,6 +325,9 @@ def worker(concurrency: int, loglevel: str, hostname: str | None) -> None:
 @click.option("--grayscale/--rgb", default=None, help="1- or 3-channel input [default: from the photos].")
 @click.option("--augment", "policy", type=click.Choice(["trivialaugment", "randaugment", "none"]), default=None,
               help="Automatic augmentation policy on top of crop/flip/colour jitter.")
+@click.option("--backgrounds", type=click.FloatRange(0, 1), default=None, metavar="P",
+              help="Probability of pasting the product, cut out of its plain background, onto a real photograph "
+                   "(0 = off) [preset: 0 small].")
 @click.option("--mixup", "mixup_alpha", type=click.FloatRange(min=0), default=None, help="Mixup alpha (0 = off).")
 @click.option("--cutmix", "cutmix_alpha", type=click.FloatRange(min=0), default=None, help="CutMix alpha (0 = off).")
 @click.option("--balance", type=click.Choice(["auto", "none", "weights", "sampler"]), default=None,
@@ -339,6 +342,9 @@ def worker(concurrency: int, loglevel: str, hostname: str | None) -> None:
               help="Precision the review threshold must give on validation [0.995].")
 @click.option("--threshold-confidence", type=click.FloatRange(0.5, 1, max_open=True), default=None,
               help="Confidence level of that precision's lower bound (Clopper-Pearson) [0.9].")
+@click.option("--shift-calibration/--no-shift-calibration", default=None,
+              help="The threshold's precision must hold on the validation photos under the robustness shifts too "
+                   "(pooled), not only as they are [on].")
 @click.option("--device", default=None, callback=_check_device, metavar="DEVICE", help=f"{_DEVICE_HELP} [auto].")
 @click.option("--threads", type=click.IntRange(min=0), default=None, help="Torch threads [0 = all cores].")
 @click.option("--amp/--no-amp", default=None,
@@ -406,6 +412,51 @@ def calibrate_ood(model: str, data_dir: str, out: str | None, tpr: float, seed: 
                f"(version {mf.version})")
 
 
+@main.command("calibrate")
+@click.argument("model")
+@click.argument("val_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="Model file to write (default: overwrite MODEL).")
+@click.option("--shifts/--no-shifts", default=True, show_default=True,
+              help="Choose on VAL_DIR's photos and the same photos under the robustness shifts, pooled (else on the "
+                   "photos alone).")
+@click.option("--target-precision", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Precision the threshold promises [the model file's own, else 0.995].")
+@click.option("--threshold-confidence", type=click.FloatRange(0.5, 1, max_open=True), default=None,
+              help="Confidence level of that precision's Clopper-Pearson lower bound [the file's own, else 0.9].")
+@click.option("--per-class", type=click.IntRange(min=0), default=0, show_default=True,
+              help="At most this many photos per class (seeded; 0 = all).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subset and the shifts.")
+@click.option("--no-progress", is_flag=True)
+@_handle_errors
+def calibrate(model: str, val_dir: str, out: str | None, shifts: bool, target_precision: float | None,
+              threshold_confidence: float | None, per_class: int, seed: int, no_progress: bool) -> None:
+    """Re-choose MODEL's review threshold on VAL_DIR without retraining (the temperature is kept).
+
+    VAL_DIR holds the model's classes (one sub-folder each) in photos it was not trained on, e.g. its
+    validation split. With --shifts (the default) the threshold's precision promise must hold on those photos
+    and on them under the shifts of 'invsort evaluate's robustness report, pooled; the file's info records
+    what it was chosen on. Prints the precision and coverage per shift at the new threshold.
+
+    \b
+    Example:
+      invsort calibrate shoes.pt val/ --out shoes.shiftcal.pt
+    """
+    from pipeline.evaluation.shift_calibration import describe, recalibrate
+
+    if out is None and model.startswith("bundled:"):
+        raise click.UsageError("a bundled model cannot be overwritten; give --out")
+    mf, choice = recalibrate(model, val_dir, out or model, shifts=shifts, target_precision=target_precision,
+                             confidence_level=threshold_confidence, per_class=per_class or None, seed=seed,
+                             progress=not no_progress)
+    for row in choice.get("per_shift", []):
+        prec = "n/a" if row["precision"] != row["precision"] else f"{row['precision']:.4f}"
+        click.echo(f"  {row['name']:<18} n {row['n']:>5}  sorted {row['coverage']:6.1%}  precision {prec}  "
+                   f"errors sorted {row['errors_sorted']}")
+    click.echo(f"{describe(choice)}; was {choice['previous_threshold']:.4f}; wrote {out or model} "
+               f"(version {mf.version})")
+
+
 @main.command("models")
 def models_cmd() -> None:
     """List the architectures that --arch accepts, with their default input size."""
@@ -426,7 +477,9 @@ def model_info(model: str) -> None:
     click.echo(f"{mf.name}  version {mf.version}  arch {mf.arch}  created {mf.created_at}")
     click.echo(f"input {mf.input_size[0]}x{mf.input_size[1]}x{mf.in_chans}  mean {mf.mean}  std {mf.std}")
     click.echo(f"classes ({mf.num_classes}): {', '.join(mf.class_names)}")
-    click.echo(f"temperature {mf.temperature:.3f}  review threshold {mf.review_threshold:.4f}")
+    chosen_on = (mf.info.get("threshold") or {}).get("chosen_on")
+    click.echo(f"temperature {mf.temperature:.3f}  review threshold {mf.review_threshold:.4f}"
+               + (f" (chosen on {chosen_on})" if chosen_on else ""))
     if mf.open_set is None:
         click.echo("open set: none (photos of other things are not rejected; fit one with 'invsort calibrate-ood')")
     else:

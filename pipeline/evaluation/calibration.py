@@ -184,3 +184,14 @@ def selective_scores(probs: np.ndarray, y_true: np.ndarray, threshold: float) ->
         "needs_review": int(len(conf) - n_sorted),
         "errors_sorted": int((~ok[take]).sum()),
     }
+
+
+def precision_interval(correct: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Two-sided Clopper-Pearson interval of a precision, ``correct`` right out of ``n``, at ``level``:
+    ``(lower, upper)``; ``(nan, nan)`` when ``n == 0``."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    a = (1.0 - level) / 2
+    lo = float(beta.ppf(a, correct, n - correct + 1)) if correct > 0 else 0.0
+    hi = float(beta.ppf(1 - a, correct + 1, n - correct)) if correct < n else 1.0
+    return lo, hi

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConfigError
-from pipeline.evaluation.calibration import coverage_precision_curve, selective_scores
+from pipeline.evaluation.calibration import coverage_precision_curve, precision_interval, selective_scores
 from pipeline.evaluation.extra import extra_markdown, score_extra_folder
 from pipeline.evaluation.metrics import compute_metrics
 from pipeline.evaluation.openset import markdown as openset_markdown
@@ -141,6 +141,8 @@ def evaluate(
                            mf.info.get("history") or [], out_dir),
     }
     off_md = _write_off_distribution(report, off, data, mf, out_dir)
+    report["promise"] = promise_rows(report, mf.info.get("threshold") or {})
+    off_md = promise_markdown(report["promise"]) + off_md
     if open_set is not None:  # --ood: AUROC, FPR at 95 % TPR and the score histogram (pipeline.evaluation.openset)
         report["open_set"] = open_set
         off_md += openset_markdown(open_set)
@@ -164,6 +166,70 @@ def _off_distribution(
                                        target_precision=target, progress=progress)
               for name, folder in extra.items()}
     return {"robustness": shifted, "extra": scored, "target_precision": target}
+
+
+def promise_rows(report: dict[str, Any], chosen: dict[str, Any]) -> dict[str, Any]:
+    """The precision the model file promises beside the precision measured at its threshold, in distribution (the
+    evaluated folder) and off it (each robustness shift, the shifts pooled, each extra folder), with the two-sided
+    95 % Clopper-Pearson interval of each measured precision.
+
+    ``verdict`` per row: ``kept`` (measured >= promised), ``missed`` (the interval's upper end is below the promise:
+    the shortfall is not noise), ``below, within noise``, or ``nothing sorted``.
+    """
+    target = chosen.get("target_precision")
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, where: str, n: int, k: int, wrong: int) -> None:
+        lo, hi = precision_interval(k - wrong, k)
+        prec = (k - wrong) / k if k else float("nan")
+        verdict = ("nothing sorted" if not k else "no promise" if target is None else
+                   "kept" if prec >= target else "missed" if hi < target else "below, within noise")
+        rows.append({"rows": name, "distribution": where, "n": n, "sorted": k, "coverage": k / max(1, n),
+                     "precision": prec, "ci95": [lo, hi], "errors_sorted": wrong, "verdict": verdict})
+
+    t = report["at_threshold"]
+    add(report["data_dir"], "in", report["images_evaluated"], t["sorted"], t["errors_sorted"])
+    shifts = (report.get("robustness") or {}).get("shifts") or []
+    for r in shifts:
+        add(f"robustness: {r['name']}", "in" if r["name"] == "none" else "off", r["n"], r["sorted"],
+            r["errors_sorted"])
+    off = [r for r in shifts if r["name"] != "none"]
+    if off:
+        add("robustness: all shifts pooled", "off", sum(r["n"] for r in off), sum(r["sorted"] for r in off),
+            sum(r["errors_sorted"] for r in off))
+    for name, x in (report.get("extra") or {}).items():
+        if x.get("known"):
+            a = x["known"]["at_threshold"]
+            add(f"{name}: the model's classes", "off", x["known"]["n"], a["sorted"], a["errors_sorted"])
+        if x.get("unknown"):
+            a = x["all_sorted"]
+            add(f"{name}: all, unknown classes counted wrong", "off", a["n"], a["sorted"], a["errors_sorted"])
+    return {"promised": target, "confidence_level": chosen.get("confidence_level"),
+            "chosen_on": chosen.get("chosen_on", "validation"), "threshold": report["model"]["review_threshold"],
+            "rows": rows}
+
+
+def promise_markdown(p: dict[str, Any]) -> str:
+    """The report.md section of :func:`promise_rows`."""
+    def f(v: float) -> str:
+        return "n/a" if v != v else f"{v:.4f}"
+
+    chosen = {"validation": "the validation split",
+              "validation+shifts": "the validation split and the same photos under the robustness shifts, pooled"}
+    lines = ["", "## Promised and measured precision", "",
+             f"The review threshold {p['threshold']:.4f} promises precision {p['promised']} on the rows it sorts "
+             f"(Clopper-Pearson lower bound at {p['confidence_level']}, chosen on "
+             f"{chosen.get(p['chosen_on'], p['chosen_on'])}). Measured at that threshold, with the 95 % "
+             "Clopper-Pearson interval of each measured precision:", "",
+             "| rows | distribution | n | sorted automatically | promised | measured precision | 95 % interval | "
+             "errors sorted | verdict |", "|---|---|---:|---:|---:|---:|---|---:|---|"]
+    for r in p["rows"]:
+        lo, hi = r["ci95"]
+        ci = "n/a" if lo != lo else f"{f(lo)}-{f(hi)}"
+        lines.append(f"| {r['rows']} | {r['distribution']} | {r['n']} | {r['sorted']} ({r['coverage']:.1%}) | "
+                     f"{p['promised']} | {f(r['precision'])} | {ci} | {r['errors_sorted']} | "
+                     f"{r['verdict']} |")
+    return "\n".join(lines) + "\n"
 
 
 def _write_off_distribution(report: dict[str, Any], off: dict[str, Any], data: Arrays, mf: Any, out_dir: Path) -> str:

@@ -13,17 +13,13 @@ product cut out of its background and composited onto a real photograph, at full
 30; Gaussian blur; dim light (brightness x0.6); low contrast (x0.5); rotation by 5-15 degrees either way; and a
 600-2000 px source (upscaled, JPEG quality 90), which the worker decodes and shrinks.
 
-The cut-out: the background colour is the median of a thin border band (white for catalogue shots, black for
-Fashion-MNIST); pixels within a tolerance of it are background candidates; a morphological close and open (OpenCV)
-clean the mask, and only background regions connected to the image border count as background, so light parts
-inside the product (a white sole, laces) stay product; the edge is feathered. A photo with no uniform background
-(already a real photo) keeps most of its pixels, so that shift changes it little.
+The cut-out and the composite are :mod:`pipeline.io.cutout` (shared with the training augmentation
+:class:`pipeline.training.transforms.PasteOnBackground`): the product is cut out of its border-coloured background
+(threshold + morphology) and pasted onto a random crop of scikit-learn's two bundled sample photographs (CC BY 2.0;
+the report credits them, :data:`pipeline.io.cutout.BACKGROUND_CREDIT`). Models trained with ``--backgrounds`` have
+seen crops of these same two photographs, so their ``photo_background`` and ``small_on_photo`` rows are optimistic;
+a folder of real photos (``--extra``) is the honest figure.
 
-Background photographs: scikit-learn's sample images (:func:`sklearn.datasets.load_sample_images`:
-``china.jpg``, a temple, and ``flower.jpg``, a flower close-up, 640x427 each), shipped inside scikit-learn's
-wheel, which is already a dependency, so nothing is downloaded and no package is added. Their licence is Creative
-Commons Attribution 2.0 (``sklearn/datasets/images/README.txt``: china.jpg by danielbuechele, flower.jpg by
-vultilion on Flickr, retrieved by Robert Layton); the report credits them (:data:`BACKGROUND_CREDIT`).
 scikit-image's ``skimage.data`` has more photographs (BSD) but is not installed here and would add a
 dependency of tens of MB for two more textures; a random crop (40-100 % of the photo's side, mirrored at
 random) of two real photographs already gives textured, non-white, varied backgrounds.
@@ -36,7 +32,6 @@ scored with ``invsort evaluate ... --extra NAME=DIR`` (:mod:`pipeline.evaluation
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -52,6 +47,7 @@ import numpy as np
 
 from pipeline.errors import ImageError
 from pipeline.evaluation.calibration import selective_scores
+from pipeline.io.cutout import BACKGROUND_CREDIT, background_colour, background_crop, paste, product_mask
 from pipeline.io.files import atomic_path
 from pipeline.io.folders import header_size
 from pipeline.io.images import decode_image
@@ -61,18 +57,12 @@ log = logging.getLogger(__name__)
 
 #: Photos per class scored under each shift by default (a seeded subset; 0 or None: all).
 DEFAULT_PER_CLASS = 100
-#: A pixel whose largest channel difference from the background colour is at most this is a background candidate.
-BACKGROUND_TOLERANCE = 24
 SMALL_SCALE = 0.4  # the product's share of each side of the frame in the "small" shifts
 BLUR_SIGMA = 0.01  # Gaussian sigma as a share of the long side (1.4 px on a 136 px catalogue photo)
 BRIGHTNESS = 0.6
 CONTRAST = 0.5
 ROTATION_DEG = (5.0, 15.0)
 LARGE_SIDE_PX = (600, 2000)
-BACKGROUND_CREDIT = (
-    "Background photographs: scikit-learn's sample images china.jpg (danielbuechele) and flower.jpg (vultilion), "
-    "Flickr, CC BY 2.0 (https://creativecommons.org/licenses/by/2.0/)."
-)
 NOT_MEASURED = {
     "worn": "people wearing the item: no honest offline way to synthesise it (it needs a generative model or "
             "licensed photos of people); score a folder of real photos with --extra NAME=DIR instead",
@@ -116,70 +106,6 @@ def encode(rgb: np.ndarray, *, fmt: str = ".png", quality: int = 95) -> bytes:
     return buf.tobytes()
 
 
-def background_colour(rgb: np.ndarray) -> np.ndarray:
-    """The median colour of a border band (3 % of the short side, at least 1 px): ``(3,)`` uint8."""
-    h, w = rgb.shape[:2]
-    b = max(1, round(0.03 * min(h, w)))
-    band = np.concatenate([rgb[:b].reshape(-1, 3), rgb[-b:].reshape(-1, 3), rgb[:, :b].reshape(-1, 3),
-                           rgb[:, -b:].reshape(-1, 3)])
-    return np.median(band, axis=0).astype(np.uint8)
-
-
-def product_mask(rgb: np.ndarray, bg: np.ndarray | None = None, *, tol: int = BACKGROUND_TOLERANCE) -> np.ndarray:
-    """``(h, w)`` float32 in 0..1: 1 on the product, 0 on its (near-uniform) background, feathered at the edge.
-
-    Threshold the largest channel difference from the background colour, close (fill small gaps) and open
-    (drop specks) with an elliptic kernel of ~2 % of the long side, then call background only the candidate
-    regions that touch the image border.
-    """
-    bg = background_colour(rgb) if bg is None else bg
-    diff = np.abs(rgb.astype(np.int16) - bg.astype(np.int16)).max(axis=2)
-    fg = (diff > tol).astype(np.uint8)
-    k = max(3, round(0.02 * max(rgb.shape[:2])) | 1)
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
-    fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, kernel)
-    fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
-    _, labels = cv2.connectedComponents((1 - fg).astype(np.uint8), connectivity=4)
-    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    background = np.isin(labels, border[border > 0]) & (fg == 0)
-    mask = (~background).astype(np.float32)
-    return cv2.GaussianBlur(mask, (3, 3), 0)
-
-
-@functools.lru_cache(maxsize=1)
-def background_photos() -> tuple[np.ndarray, ...]:
-    """scikit-learn's two sample photographs (china.jpg, flower.jpg) as RGB uint8 (read once)."""
-    from sklearn.datasets import load_sample_images
-
-    return tuple(np.ascontiguousarray(img, dtype=np.uint8) for img in load_sample_images().images)
-
-
-def background_crop(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A random crop of one of :func:`background_photos` with aspect ``w / h`` (40-100 % of the largest such crop,
-    mirrored at random), resized to ``(h, w, 3)`` uint8."""
-    photos = background_photos()
-    photo = photos[int(rng.integers(len(photos)))]
-    ph, pw = photo.shape[:2]
-    ch, cw = (ph, ph * w / h) if pw / ph > w / h else (pw * h / w, pw)
-    s = rng.uniform(0.4, 1.0)
-    ch, cw = max(2, round(ch * s)), max(2, round(cw * s))
-    y, x = int(rng.integers(ph - ch + 1)), int(rng.integers(pw - cw + 1))
-    crop = photo[y : y + ch, x : x + cw]
-    if rng.random() < 0.5:
-        crop = crop[:, ::-1]
-    interp = cv2.INTER_AREA if ch * cw > h * w else cv2.INTER_LINEAR
-    return cv2.resize(np.ascontiguousarray(crop), (w, h), interpolation=interp)
-
-
-def _paste(canvas: np.ndarray, rgb: np.ndarray, mask: np.ndarray, y: int, x: int) -> np.ndarray:
-    """``rgb`` composited onto ``canvas`` at ``(y, x)`` through ``mask`` (0..1); returns a new uint8 array."""
-    out = canvas.astype(np.float32)
-    h, w = rgb.shape[:2]
-    m = mask[:, :, None]
-    out[y : y + h, x : x + w] = rgb.astype(np.float32) * m + out[y : y + h, x : x + w] * (1.0 - m)
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
-
-
 # --- the shifts -------------------------------------------------------------------------------------------------
 
 
@@ -221,7 +147,7 @@ def _small(on_photo: bool) -> Transform:
         fh, fw = round(h / SMALL_SCALE), round(w / SMALL_SCALE)
         y, x = int(rng.integers(fh - h + 1)), int(rng.integers(fw - w + 1))
         if on_photo:
-            return encode(_paste(background_crop(rng, fh, fw), rgb, product_mask(rgb), y, x))
+            return encode(paste(background_crop(rng, fh, fw), rgb, product_mask(rgb), y, x))
         canvas = np.empty((fh, fw, 3), np.uint8)
         canvas[:] = background_colour(rgb)
         canvas[y : y + h, x : x + w] = rgb
@@ -233,7 +159,7 @@ def _small(on_photo: bool) -> Transform:
 def _on_photo(data: bytes, rng: np.random.Generator) -> bytes:
     rgb = photo_pixels(data)
     h, w = rgb.shape[:2]
-    return encode(_paste(background_crop(rng, h, w), rgb, product_mask(rgb), 0, 0))
+    return encode(paste(background_crop(rng, h, w), rgb, product_mask(rgb), 0, 0))
 
 
 def _jpeg(quality: int) -> Transform:

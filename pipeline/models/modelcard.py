@@ -89,7 +89,9 @@ def model_card(mf: ModelFile) -> str:
                  f"{info.get('step_dtype', 'float32')}.")
     lines += [
         "",
-        "## Calibration and review threshold (chosen on the validation split)",
+        "## Calibration and review threshold (chosen on the validation split"
+        + (" and the same photos under the robustness shifts, pooled)" if thr.get("chosen_on") == "validation+shifts"
+           else ")"),
         f"- Temperature scaling (Guo et al. 2017): T = {_f(cal.get('temperature'), 3)}; validation ECE "
         f"{_f(cal.get('val_ece_before'))} before, {_f(cal.get('val_ece_after'))} after",
         f"- Review threshold: {_f(thr.get('threshold'))} for a target precision of "

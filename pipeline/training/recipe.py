@@ -51,6 +51,7 @@ from torch import nn
 from pipeline.errors import ConfigError, ImageError, ModelFileError, SourceError
 from pipeline.evaluation.calibration import choose_threshold, fit_temperature, selective_scores
 from pipeline.evaluation.metrics import compute_metrics, expected_calibration_error
+from pipeline.evaluation.shift_calibration import choose_shift_threshold, describe, shifted_rows
 from pipeline.inference.predictor import resolve_device
 from pipeline.io.files import sha256_file
 from pipeline.io.folders import Arrays, load_images, read_image
@@ -112,6 +113,7 @@ class TrainConfig:
     hflip: bool = True
     crop_scale: float = 0.6  # RandomResizedCrop's smallest area fraction
     color_jitter: float = 0.2
+    backgrounds: float = 0.0  # probability of pasting the product onto a real photograph (PasteOnBackground)
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     balance: str = "auto"  # auto | none | weights | sampler
@@ -128,6 +130,8 @@ class TrainConfig:
     # on a CPU with native bf16 (cpu_has_native_bf16) bf16 autocast. Validation, calibration and test stay float32.
     freeze_backbone: bool = False  # train the classifier only (a linear probe)
     open_set_tpr: float = 0.95  # the open-set score's threshold keeps this fraction of validation rows; 0 = no score
+    shift_calibration: bool = True  # the review threshold's promise must hold on the validation photos under the
+    # robustness shifts too (pooled), not only on the photos as they are (pipeline.evaluation.shift_calibration)
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad value and its valid range."""
@@ -138,6 +142,7 @@ class TrainConfig:
             ("val_fraction", 0 <= self.val_fraction < 1, "in [0, 1)"),
             ("test_fraction", 0 <= self.test_fraction < 1, "in [0, 1)"),
             ("crop_scale", 0 < self.crop_scale <= 1, "in (0, 1]"),
+            ("backgrounds", 0 <= self.backgrounds <= 1, "in [0, 1]"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
             ("patience", self.patience >= 0, ">= 0"),
             ("target_precision", 0 < self.target_precision <= 1, "in (0, 1]"),
@@ -394,7 +399,8 @@ def fit_model(
     imbalance = counts.max() / max(1, counts.min())
     balance = cfg.balance if cfg.balance != "auto" else ("weights" if imbalance > 1.5 else "none")
     transform = train_preset(inputs.size, inputs.mean, inputs.std, in_chans=cfg.in_chans, policy=cfg.policy,
-                             hflip=cfg.hflip, scale=(cfg.crop_scale, 1.0), color_jitter=cfg.color_jitter)
+                             hflip=cfg.hflip, scale=(cfg.crop_scale, 1.0), color_jitter=cfg.color_jitter,
+                             backgrounds=cfg.backgrounds)
     cpus = os.cpu_count() or 1
     workers = cfg.loader_workers if cfg.loader_workers >= 0 else (0 if cpus <= 4 else min(8, cpus // 4))
     steps_per_epoch = math.ceil(len(train_set.labels) / cfg.batch_size)
@@ -410,7 +416,8 @@ def fit_model(
     ck = data.checkpoint
     state = resume_state(ck, model, opt, scaler, ckdir) if ck is not None else FitState()
     log_fn(f"training {cfg.arch} on {device.type}: {len(train_set.labels)} images, {steps_per_epoch} steps/epoch, "
-           f"balance={balance}, augmentation={cfg.policy}, {workers} loader worker(s), "
+           f"balance={balance}, augmentation={cfg.policy}, backgrounds={cfg.backgrounds:g}, "
+           f"{workers} loader worker(s), "
            f"{step_dtype}{'' if amp_dtype is None else ' autocast'} steps")
     mean, std = inputs.tensors()
     plan = FitPlan(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, sampler=balance == "sampler",
@@ -425,7 +432,9 @@ def calibrate(
     log_fn: Callable[[str], None],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Step 6: temperature scaling on the validation split, then the review threshold for ``cfg.target_precision``
-    at ``cfg.threshold_confidence`` (:mod:`pipeline.evaluation.calibration`).
+    at ``cfg.threshold_confidence`` (:mod:`pipeline.evaluation.calibration`); with ``cfg.shift_calibration`` chosen
+    on the validation photos and the same photos under the robustness shifts, pooled
+    (:mod:`pipeline.evaluation.shift_calibration`; ``chosen_on`` says which).
 
     Returns:
         ``(calibration, threshold)``: ``{"temperature", "val_ece_before", "val_ece_after", "val_nll_before",
@@ -455,7 +464,33 @@ def calibrate(
         log_fn(f"no threshold reaches precision {cfg.target_precision} on validation (lower bound at "
                f"{cfg.threshold_confidence:g}): every row goes to review unless the model improves (more data, "
                "more epochs, a larger validation split) or the target or --threshold-confidence is lowered")
-    return calibration, choice.to_dict()
+    if not cfg.shift_calibration:
+        return calibration, {**choice.to_dict(), "chosen_on": "validation"}
+    return calibration, _shift_threshold(model, val_set, inputs, cfg, temperature, device=device, log_fn=log_fn)
+
+
+SHIFT_CALIBRATION_MAX_PER_CLASS = 1000  # validation photos per class shifted for the threshold (a seeded subset)
+
+
+def _shift_threshold(
+    model: nn.Module, val_set: Arrays, inputs: ModelInputs, cfg: TrainConfig, temperature: float, *,
+    device: torch.device, log_fn: Callable[[str], None],
+) -> dict[str, Any]:
+    """The review threshold chosen on the validation photos and the same photos under every robustness shift,
+    pooled (:func:`pipeline.evaluation.shift_calibration.choose_shift_threshold`), with the fitted temperature."""
+    t0 = time.perf_counter()
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        logits = predict_logits(model, images, *inputs.tensors(), device=device)
+        return F.softmax(logits / temperature, 1).numpy()
+
+    rows = shifted_rows(list(zip(val_set.paths, val_set.labels.tolist(), strict=True)), size=inputs.size,
+                        in_chans=cfg.in_chans, predict=predict, seed=cfg.seed,
+                        per_class=SHIFT_CALIBRATION_MAX_PER_CLASS)
+    choice = choose_shift_threshold(rows, cfg.target_precision, confidence_level=cfg.threshold_confidence)
+    log_fn(f"shift-aware {describe(choice)} ({time.perf_counter() - t0:.0f} s; --no-shift-calibration keeps the "
+           "validation split's own)")
+    return choice
 
 
 OPEN_SET_MAX_FIT = 10_000  # training images whose features fit the open-set score (a seeded sample above that)
