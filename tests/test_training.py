@@ -126,6 +126,10 @@ def test_training_is_repeatable_on_cpu(tmp_path):
     a = train(tmp_path / "d", tmp_path / "a.pt", cfg, progress=False, log_fn=lines.append)
     b = train(tmp_path / "d", tmp_path / "b.pt", cfg, progress=False, log_fn=_quiet)
     assert a.version == b.version
+    # the review threshold's promise holds on the validation photos under the robustness shifts too (pooled)
+    assert a.info["threshold"]["chosen_on"] == "validation+shifts" and len(a.info["threshold"]["shifts"]) == 14
+    assert a.review_threshold >= a.info["threshold"]["clean"]["threshold"]
+    assert any(line.startswith("shift-aware ") for line in lines)
     # training steps use bf16 autocast on a CPU with native bf16, float32 elsewhere and with amp off
     steps = "bfloat16 autocast steps" if cpu_has_native_bf16() else "float32 steps"
     assert any(line.startswith("training invsort_cnn on cpu") and line.endswith(steps) for line in lines)
@@ -169,9 +173,13 @@ def test_bad_recipe_values_are_refused_with_the_valid_range(tmp_path):
 
 def test_presets_follow_the_photos():
     small = resolve_recipe({}, [(28, 28)] * 5, gray=True)
-    assert (small.arch, small.in_chans, small.image_size) == ("invsort_cnn", 1, (28, 28))
+    assert (small.arch, small.in_chans, small.image_size, small.backgrounds) == ("invsort_cnn", 1, (28, 28), 0.0)
     photo = resolve_recipe({}, [(136, 102)] * 5, gray=False)  # (width, height): the footwear photos
     assert (photo.arch, photo.in_chans, photo.image_size) == ("mobilenet_v2", 3, (102, 136))
+    assert photo.backgrounds == 0.5  # pasted onto real photographs: measured to help on real photos (README)
+    assert resolve_recipe({"backgrounds": 0.0}, [(136, 102)], gray=False).backgrounds == 0.0
+    with pytest.raises(ConfigError, match="backgrounds must be in"):
+        TrainConfig(backgrounds=1.5).validate()
     big = resolve_recipe({"epochs": 2}, [(1200, 900)] * 5, gray=False)
     assert big.image_size == (224, 298) and big.epochs == 2
     assert resolve_recipe({"arch": "inception_v3"}, [(136, 102)], gray=False).image_size == (299, 299)

@@ -1,6 +1,7 @@
 """Training augmentation and batch mixing; training evaluates with the worker's own preprocessing."""
 
 import pickle
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,8 @@ from pipeline.io.images import decode_image
 from pipeline.models.modelfile import load_model_file
 from pipeline.models.registry import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.training.loop import predict_logits
-from pipeline.training.transforms import POLICIES, batch_mixing, train_preset
-from tests.images import EXAMPLES, example_files, photo_jpeg
+from pipeline.training.transforms import POLICIES, PasteOnBackground, batch_mixing, train_preset
+from tests.images import EXAMPLES, FOOTWEAR_TAR, example_files, photo_jpeg
 
 GRAY = ((0.5,), (0.5,))
 RGB = (IMAGENET_MEAN, IMAGENET_STD)
@@ -72,14 +73,60 @@ def test_train_preset_is_reproducible_under_a_seed(in_chans):
     assert not torch.equal(first[0], first[1])  # it does augment
 
 
-def test_presets_pickle_for_dataloader_worker_processes():
+@pytest.mark.parametrize("backgrounds", [0.0, 1.0])
+def test_presets_pickle_for_dataloader_worker_processes(backgrounds):
     img = _uint8_chw(photo_jpeg(1), (102, 136), 3)
-    tr = train_preset((102, 136), *RGB)
+    tr = train_preset((102, 136), *RGB, backgrounds=backgrounds)
     clone = pickle.loads(pickle.dumps(tr))  # noqa: S301 - bytes this test just made
     torch.manual_seed(3)
     a = tr(img)
     torch.manual_seed(3)
     assert torch.equal(clone(img), a)
+
+
+@pytest.fixture(scope="module")
+def catalogue_photo() -> tuple[bytes, tuple[int, int]]:
+    """A real footwear catalogue photo (136x102 on white) when ../shared is present, else a bundled example."""
+    if FOOTWEAR_TAR.exists():
+        with tarfile.open(FOOTWEAR_TAR) as tar:
+            for m in tar:  # the first photo: no need to list the whole archive
+                if m.isfile() and m.name.endswith(".jpg"):
+                    f = tar.extractfile(m)
+                    assert f is not None
+                    return f.read(), (102, 136)
+    return next(p for p in example_files() if "Ankle_boot" in str(p)).read_bytes(), (28, 28)
+
+
+def _border(x: torch.Tensor, b: int = 2) -> torch.Tensor:
+    return torch.cat([x[:, :b].flatten(1), x[:, -b:].flatten(1), x[:, :, :b].flatten(1), x[:, :, -b:].flatten(1)], 1)
+
+
+def test_paste_on_background_puts_the_product_on_a_photograph(catalogue_photo):
+    data, size = catalogue_photo
+    img = _uint8_chw(data, size, 3)
+    plain = _border(img).float().mean(1)  # white for a catalogue shot, black for Fashion-MNIST
+    paste = PasteOnBackground(1.0)
+    torch.manual_seed(0)
+    for _ in range(8):
+        out = paste(img)
+        assert out.dtype == torch.uint8 and out.shape == img.shape
+        edge = _border(out).float()
+        assert (edge.mean(1) - plain).abs().max() > 20 or edge.std() > 20  # the border is a photograph now
+    gray = _uint8_chw(data, size, 1)
+    out = paste(gray)
+    assert out.dtype == torch.uint8 and out.shape == gray.shape
+
+
+def test_paste_on_background_is_reproducible_and_leaves_what_it_cannot_cut(catalogue_photo):
+    img = _uint8_chw(catalogue_photo[0], catalogue_photo[1], 3)
+    paste = PasteOnBackground(0.5)
+    torch.manual_seed(11)
+    first = [paste(img) for _ in range(8)]
+    torch.manual_seed(11)
+    assert all(torch.equal(a, b) for a, b in zip(first, [paste(img) for _ in range(8)], strict=True))
+    assert any(torch.equal(a, img) for a in first) and not all(torch.equal(a, img) for a in first)  # p = 0.5
+    noise = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 40, 50), dtype=np.uint8))
+    assert torch.equal(PasteOnBackground(1.0)(noise), noise)  # no plain background: nothing to cut out
 
 
 def test_unknown_policy_lists_the_valid_ones():
@@ -91,6 +138,7 @@ def test_unknown_policy_lists_the_valid_ones():
     ({"scale": (0.0, 1.0)}, "crop scale"),
     ({"color_jitter": -0.1}, "color_jitter"),
     ({"random_erasing": 1.5}, "random_erasing"),
+    ({"backgrounds": 1.5}, "backgrounds"),
     ({"in_chans": 3}, "3 value"),  # grayscale mean/std for an RGB model
 ])
 def test_train_preset_rejects_bad_settings(kwargs, match):

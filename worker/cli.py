@@ -327,7 +327,7 @@ def worker(concurrency: int, loglevel: str, hostname: str | None) -> None:
               help="Automatic augmentation policy on top of crop/flip/colour jitter.")
 @click.option("--backgrounds", type=click.FloatRange(0, 1), default=None, metavar="P",
               help="Probability of pasting the product, cut out of its plain background, onto a real photograph "
-                   "(0 = off) [preset: 0 small].")
+                   "(0 = off) [preset: 0.5 photo, 0 small].")
 @click.option("--mixup", "mixup_alpha", type=click.FloatRange(min=0), default=None, help="Mixup alpha (0 = off).")
 @click.option("--cutmix", "cutmix_alpha", type=click.FloatRange(min=0), default=None, help="CutMix alpha (0 = off).")
 @click.option("--balance", type=click.Choice(["auto", "none", "weights", "sampler"]), default=None,

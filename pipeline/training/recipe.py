@@ -159,12 +159,15 @@ class TrainConfig:
 
 #: Recipes for ``invsort train DIR --out M`` with no flags. ``small``: low-resolution grayscale sets such as
 #: Fashion-MNIST (the custom CNN from scratch). ``photo``: product photos (MobileNetV2 fine-tuned from ImageNet
-#: weights when given, at the photos' own size).
+#: weights when given, at the photos' own size; half the training photos pasted onto a real photograph, which measured
+#: +3.5 points top-1 on real footwear photos and 27 -> 9 of 79 other things auto-sorted, for -1.1 on catalogue photos).
 PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(arch="invsort_cnn", epochs=15, batch_size=128, lr=3e-3, weight_decay=0.05, warmup_epochs=1.0,
-                  label_smoothing=0.1, policy="none", hflip=True, crop_scale=0.8, color_jitter=0.0, patience=4),
+                  label_smoothing=0.1, policy="none", hflip=True, crop_scale=0.8, color_jitter=0.0, patience=4,
+                  backgrounds=0.0),
     "photo": dict(arch="mobilenet_v2", epochs=8, batch_size=64, lr=1e-3, weight_decay=0.05, warmup_epochs=0.5,
-                  label_smoothing=0.1, policy="none", hflip=True, crop_scale=0.6, color_jitter=0.2, patience=3),
+                  label_smoothing=0.1, policy="none", hflip=True, crop_scale=0.6, color_jitter=0.2, patience=3,
+                  backgrounds=0.5),
 }
 
 
