@@ -21,7 +21,7 @@ import torch
 
 from pipeline.errors import ConfigError
 from pipeline.io.files import atomic_path
-from pipeline.io.folders import load_images, scan_folder
+from pipeline.io.folders import load_images, samples_for_classes
 from pipeline.models.openset import DEFAULT_TPR, fit_open_set
 
 log = logging.getLogger(__name__)
@@ -151,12 +151,7 @@ def calibrate_ood(model_spec: str, data_dir: str | Path, out: str | Path, *, tpr
     from pipeline.models.modelfile import load_model_file, save_model_file
 
     mf = load_model_file(model_spec)
-    folders, samples = scan_folder(data_dir)
-    bad = [f for f in folders if f not in mf.class_names]
-    if bad:
-        raise ConfigError(f"folder(s) {', '.join(bad)} in {data_dir} are not classes of the model "
-                          f"({', '.join(mf.class_names)})")
-    labelled = [(p, mf.class_names.index(folders[y])) for p, y in samples]
+    labelled = samples_for_classes(data_dir, mf.class_names)
     order = np.random.default_rng(seed).permutation(len(labelled))
     cut = int(round(0.7 * len(order)))
     fit_idx, val_idx = sorted(order[:cut][:max_fit]), sorted(order[cut:])

@@ -32,7 +32,7 @@ from pipeline.evaluation.robustness import (
     shift_examples,
 )
 from pipeline.io.files import atomic_path, atomic_write_text
-from pipeline.io.folders import Arrays, load_images, scan_folder
+from pipeline.io.folders import Arrays, load_images, samples_for_classes
 from pipeline.progress import progress as progress_display
 
 log = logging.getLogger(__name__)
@@ -54,16 +54,8 @@ def load_labelled(
         ConfigError: a folder that is not one of ``model_classes`` (the message lists them).
         SourceError: ``data_dir`` missing or with fewer than two category folders.
     """
-    folders, samples = scan_folder(data_dir)
-    unknown = [f for f in folders if f not in model_classes]
-    if unknown:
-        raise ConfigError(
-            f"folder(s) {', '.join(repr(u) for u in unknown)} in {data_dir} are not classes of the model; "
-            f"the model's classes: {', '.join(model_classes)}"
-        )
-    to_model = [model_classes.index(f) for f in folders]
-    return load_images([(p, to_model[y]) for p, y in samples], size=size, in_chans=in_chans, progress=progress,
-                       desc="decode")
+    return load_images(samples_for_classes(data_dir, model_classes), size=size, in_chans=in_chans,
+                       progress=progress, desc="decode")
 
 
 def evaluate(

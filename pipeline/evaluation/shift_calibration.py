@@ -166,19 +166,14 @@ def recalibrate(
     import torch
 
     from pipeline.inference.predictor import Predictor, PredictorOptions
-    from pipeline.io.folders import scan_folder
+    from pipeline.io.folders import samples_for_classes
     from pipeline.models.modelfile import load_model_file, save_model_file
 
     mf = load_model_file(model_spec)
     old = dict(mf.info.get("threshold") or {})
     target = float(target_precision or old.get("target_precision") or 0.995)
     level = float(confidence_level or old.get("confidence_level") or 0.9)
-    folders, found = scan_folder(val_dir)
-    bad = [f for f in folders if f not in mf.class_names]
-    if bad:
-        raise ConfigError(f"folder(s) {', '.join(bad)} in {val_dir} are not classes of the model "
-                          f"({', '.join(mf.class_names)})")
-    samples = [(p, mf.class_names.index(folders[y])) for p, y in found]
+    samples = samples_for_classes(val_dir, mf.class_names)
     with Predictor(mf, PredictorOptions(device="cpu")) as predictor:
         def predict(x: np.ndarray) -> np.ndarray:
             return np.concatenate([predictor.predict_probs(torch.from_numpy(x[i : i + batch_size])).numpy()

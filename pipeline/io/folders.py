@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import ImageError, SourceError
+from pipeline.errors import ConfigError, ImageError, SourceError
 from pipeline.io.images import decode_image
 from pipeline.io.storage import IMAGE_SUFFIXES
 from pipeline.progress import progress as progress_display
@@ -104,6 +104,25 @@ def read_image(path: str | Path, *, size: tuple[int, int] | None, in_chans: int 
         raise ImageError("image header unreadable (PIL cannot identify it)")
     return data, pixels
 
+
+
+def samples_for_classes(root: str | Path, class_names: Sequence[str]) -> list[tuple[str, int]]:
+    """``(path, label)`` pairs of a folder-per-category tree whose folders are classes of a model; ``label`` is the
+    index in ``class_names`` (a model's order, not the folders' sorted order).
+
+    Raises:
+        ConfigError: a folder that is not one of ``class_names`` (the message lists them).
+        SourceError: ``root`` missing or with fewer than two category folders (:func:`scan_folder`).
+    """
+    folders, samples = scan_folder(root)
+    unknown = [f for f in folders if f not in class_names]
+    if unknown:
+        raise ConfigError(
+            f"folder(s) {', '.join(repr(u) for u in unknown)} in {root} are not classes of the model; "
+            f"the model's classes: {', '.join(class_names)}"
+        )
+    to_model = [list(class_names).index(f) for f in folders]
+    return [(p, to_model[y]) for p, y in samples]
 
 @dataclass
 class Arrays:
