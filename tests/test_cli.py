@@ -234,6 +234,7 @@ def test_a_bad_setting_is_refused_before_any_work(tmp_path):
 # ------------------------------------------------------------------------------------------ real processes
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch: ~3.5 s here
 def test_a_refused_command_is_one_line_in_a_real_process(mismatched_model):
     """Nothing else reaches a user's terminal: no traceback, no warning of torch's, no log line."""
     expected = f"Error: model file {mismatched_model}: 3 class names but the classifier has 10 outputs"

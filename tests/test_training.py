@@ -90,6 +90,7 @@ class _Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow  # two training runs with calibration on the shifted validation photos: ~4-5 s
 @needs_fmnist
 def test_resume_continues_where_an_interrupted_run_stopped(tmp_path):
     export_png_tree(tmp_path / "d", "test", every=25)  # 400 images
