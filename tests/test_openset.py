@@ -20,7 +20,7 @@ from pipeline.inference.predictor import Predictor, PredictorOptions
 from pipeline.io.folders import load_images
 from pipeline.models.modelfile import load_model_file, model_version, save_model_file
 from pipeline.models.openset import UNKNOWN, fit_open_set
-from tests.images import EXAMPLES, FOOTWEAR_TAR, MOBILENET_WEIGHTS, SHARED, example_files
+from tests.images import EXAMPLES, SHARED, example_files
 from worker.cli import main
 
 MODEL = "bundled:fashion_mnist_cnn"
@@ -126,35 +126,17 @@ def test_evaluate_ood_writes_auroc_fpr95_and_the_histogram(fitted_model, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.shared
-@pytest.mark.skipif(not REAL_TAR.exists() or not FOOTWEAR_TAR.exists() or not MOBILENET_WEIGHTS.exists(),
-                    reason="../shared photos or ImageNet weights not present (a user's clone)")
-def test_a_trained_footwear_model_refuses_real_photos_of_other_things(tmp_path):
+@pytest.mark.skipif(not REAL_TAR.exists(), reason="../shared/data/real_photos_dev.tar not present (a user's clone)")
+def test_a_trained_footwear_model_refuses_real_photos_of_other_things(footwear_probe, tmp_path):
     """`invsort train` fits the score (its open-set step) and the worker keeps not_footwear photos from `sorted`.
 
-    A linear probe on 150 catalogue photos a class from the shared ImageNet weights (as in test_training), then
+    The session's footwear probe (tests/fixtures/footwear.py: a linear probe on 150 catalogue photos a class), then
     the 79 real photos of no footwear sorted through `invsort sort`: at most 1 in 25 may be auto-sorted.
     """
-    with tarfile.open(FOOTWEAR_TAR) as tar:
-        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.lower().endswith(".jpg")),
-                         key=lambda m: m.name)
-        per_class: dict[str, list] = {}
-        for m in members:
-            per_class.setdefault(Path(m.name).parent.name, []).append(m)
-        for cls, ms in per_class.items():
-            for m in ms[::len(ms) // 150][:150]:
-                dest = tmp_path / "train" / cls / Path(m.name).name
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(tar.extractfile(m).read())
     with tarfile.open(REAL_TAR) as tar:
         tar.extractall(tmp_path / "real", filter="data")
     ood = next((tmp_path / "real").rglob("not_footwear"))
-    model = tmp_path / "shoes.pt"
-    result = CliRunner().invoke(main, [
-        "train", str(tmp_path / "train"), "--out", str(model), "--arch", "mobilenet_v2",
-        "--weights", str(MOBILENET_WEIGHTS), "--image-size", "102x136", "--epochs", "4", "--lr", "3e-3",
-        "--augment", "none", "--freeze-backbone", "--no-progress",
-    ])
-    assert result.exit_code == 0, result.output
+    model = footwear_probe.model
     mf = load_model_file(str(model))
     assert mf.open_set is not None and mf.open_set.method == "mahalanobis"
     url = f"sqlite:///{tmp_path}/ood.db"

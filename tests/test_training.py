@@ -1,9 +1,7 @@
 """Short real training runs: Fashion-MNIST always (Debian package), footwear photos when ../shared is present."""
 
 import logging
-import random
 import shutil
-import tarfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from pipeline.io.folders import scan_folder
 from pipeline.models.modelfile import load_model_file
 from pipeline.training.loop import cpu_has_native_bf16
 from pipeline.training.recipe import TrainConfig, resolve_recipe, train
-from tests.images import BAD_IMAGES, FOOTWEAR_TAR, MOBILENET_WEIGHTS
+from tests.images import BAD_IMAGES
 from worker.cli import main
 
 needs_fmnist = pytest.mark.skipif(
@@ -188,33 +186,12 @@ def test_presets_follow_the_photos():
 
 @pytest.mark.slow
 @pytest.mark.shared
-@pytest.mark.skipif(not FOOTWEAR_TAR.exists() or not MOBILENET_WEIGHTS.exists(),
-                    reason="../shared footwear photos or ImageNet weights not present (a user's clone)")
-def test_footwear_transfer_learning_sorts_unseen_photos(tmp_path):
-    """mobilenet_v2 from the ImageNet weights, classifier-only for speed, on 150 photos a class."""
-    with tarfile.open(FOOTWEAR_TAR) as tar:
-        members = [m for m in tar.getmembers() if m.isfile() and m.name.lower().endswith(".jpg")]
-        rng = random.Random(0)
-        rng.shuffle(members)
-        per_class: dict[str, list] = {}
-        for m in members:
-            per_class.setdefault(Path(m.name).parent.name, []).append(m)
-        for cls, ms in per_class.items():
-            for i, m in enumerate(ms[:250]):
-                split = "train" if i < 150 else "holdout"
-                dest = tmp_path / split / cls / Path(m.name).name
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(tar.extractfile(m).read())
-    model = tmp_path / "shoes.pt"
-    result = CliRunner().invoke(main, [
-        "train", str(tmp_path / "train"), "--out", str(model), "--arch", "mobilenet_v2",
-        "--weights", str(MOBILENET_WEIGHTS), "--image-size", "102x136", "--epochs", "4", "--lr", "3e-3",
-        "--augment", "none", "--freeze-backbone", "--no-progress",
-    ])
-    assert result.exit_code == 0, result.output
+def test_footwear_transfer_learning_sorts_unseen_photos(footwear_probe, tmp_path):
+    """mobilenet_v2 from the ImageNet weights, classifier-only for speed, on 150 photos a class (the session's
+    footwear probe, tests/fixtures/footwear.py), sorts 100 unseen photos a class."""
     url = f"sqlite:///{tmp_path}/shoes.db"
-    result = CliRunner().invoke(main, ["sort", str(tmp_path / "holdout"), "--model", str(model), "--db", url,
-                                       "--no-progress"])
+    result = CliRunner().invoke(main, ["sort", str(footwear_probe.holdout), "--model", str(footwear_probe.model),
+                                       "--db", url, "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "sorted 300 images" in result.output
     assert accuracy_of_sort(url) >= 0.85

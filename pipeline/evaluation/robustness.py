@@ -113,6 +113,15 @@ def _identity(data: bytes, rng: np.random.Generator) -> bytes:
     return data
 
 
+def _framed(rgb: np.ndarray, height: int, width: int, top: int, left: int) -> np.ndarray:
+    """``rgb`` ``(h, w, 3)`` uint8 at ``(top, left)`` of a ``(height, width, 3)`` frame of its background colour."""
+    h, w = rgb.shape[:2]
+    canvas = np.empty((height, width, 3), np.uint8)
+    canvas[:] = background_colour(rgb)
+    canvas[top : top + h, left : left + w] = rgb
+    return canvas
+
+
 def _pad_to(aspect: float) -> Transform:
     """Pad with the photo's background colour to width / height = ``aspect`` (centred)."""
 
@@ -120,11 +129,7 @@ def _pad_to(aspect: float) -> Transform:
         rgb = photo_pixels(data)
         h, w = rgb.shape[:2]
         th, tw = (h, max(w, round(h * aspect))) if w / h < aspect else (max(h, round(w / aspect)), w)
-        top, left = (th - h) // 2, (tw - w) // 2
-        canvas = np.empty((th, tw, 3), np.uint8)
-        canvas[:] = background_colour(rgb)
-        canvas[top : top + h, left : left + w] = rgb
-        return encode(canvas)
+        return encode(_framed(rgb, th, tw, (th - h) // 2, (tw - w) // 2))
 
     return pad
 
@@ -148,10 +153,7 @@ def _small(on_photo: bool) -> Transform:
         y, x = int(rng.integers(fh - h + 1)), int(rng.integers(fw - w + 1))
         if on_photo:
             return encode(paste(background_crop(rng, fh, fw), rgb, product_mask(rgb), y, x))
-        canvas = np.empty((fh, fw, 3), np.uint8)
-        canvas[:] = background_colour(rgb)
-        canvas[y : y + h, x : x + w] = rgb
-        return encode(canvas)
+        return encode(_framed(rgb, fh, fw, y, x))
 
     return small
 
