@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, TypedDict, cast
 
 from sqlalchemy import CursorResult, Result, Table, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -31,6 +31,7 @@ __all__ = [
     "JobNotFoundError",
     "JobStateError",
     "JobStatus",
+    "StatusCounts",
     "complete_job_if_done",
     "create_job",
     "fail_job",
@@ -47,6 +48,18 @@ _jobs = cast(Table, SortingJob.__table__)
 _batches = cast(Table, SortingJobBatch.__table__)
 
 _RESULT_FIELDS = tuple(f.name for f in fields(ItemResult))
+
+
+class StatusCounts(TypedDict):
+    """Rows of a batch by status."""
+
+    sorted_count: int
+    needs_review_count: int
+    failed_count: int
+
+
+#: Batch states whose counts are in the job's counters (and in ``batches_done``).
+FINISHED_BATCH_STATES = ("done", "failed")
 
 
 class JobNotFoundError(InvsortError, LookupError):
@@ -282,13 +295,16 @@ def record_batch(
     sorted_count: int,
     needs_review_count: int,
     failed_count: int,
+    state: str = "done",
 ) -> None:
     """Record the counts of one finished batch of a job and add them to the job's counters, exactly once.
 
-    The first call for ``(job_id, batch_no)`` stores the batch and adds its counts and 1 to ``batches_done``.
-    A later call for the same batch (a redelivered task) replaces the stored counts and adds only the
-    difference, leaving ``batches_done`` alone. Counters are incremented in SQL (``x = x + :delta``), so
-    concurrent workers on PostgreSQL never lose an update. Sets the job's ``started_at`` if it is not set yet.
+    The first call that finishes ``(job_id, batch_no)`` (no row yet, or a ``queued``/``running`` row of a queued
+    job) stores the counts, sets ``state`` (``done``, or ``failed`` for a batch given up on), drops the batch's
+    stored items and adds its counts and 1 to ``batches_done``. A later call for the same batch (a redelivered
+    task) replaces the stored counts and adds only the difference, leaving ``batches_done`` alone. Counters are
+    incremented in SQL (``x = x + :delta``), so concurrent workers on PostgreSQL never lose an update.
+    Sets the job's ``started_at`` if it is not set yet.
     Runs in the caller's transaction and does not commit. Returns None.
 
     Raises:
@@ -303,6 +319,8 @@ def record_batch(
     }
     if any(v < 0 for v in counts.values()):
         raise ValueError(f"batch counts must not be negative, got {counts}")
+    if state not in FINISHED_BATCH_STATES:
+        raise ValueError(f"a recorded batch is {' or '.join(FINISHED_BATCH_STATES)}, got {state!r}")
     now = _now()
     key = (_batches.c.job_id == job_id) & (_batches.c.batch_no == batch_no)
 
@@ -310,18 +328,27 @@ def record_batch(
     # batch waits here for the first one to commit and then sees the conflict.
     ins = _insert(session, _batches).values(job_id=job_id, batch_no=batch_no, updated_at=now, **counts)
     ins = ins.on_conflict_do_nothing(index_elements=[_batches.c.job_id, _batches.c.batch_no])
-    first = session.execute(ins.returning(_batches.c.batch_no)).first() is not None
+    inserted = session.execute(ins.returning(_batches.c.batch_no)).first() is not None
 
-    if first:
-        delta = counts
+    if inserted:
+        first, delta = True, counts
+        if state != "done":
+            session.execute(update(_batches).where(key).values(state=state))
     else:
         old = session.execute(
-            select(_batches.c.sorted_count, _batches.c.needs_review_count, _batches.c.failed_count)
+            select(_batches.c.sorted_count, _batches.c.needs_review_count, _batches.c.failed_count,
+                   _batches.c.state)
             .where(key)
             .with_for_update()
         ).one()
-        delta = {name: counts[name] - old._mapping[name] for name in counts}
-        session.execute(update(_batches).where(key).values(updated_at=now, **counts))
+        # Counts of a batch that has not finished yet were never added to the job (a batch run item by item
+        # keeps its running counts on its own row until it finishes).
+        first = old.state not in FINISHED_BATCH_STATES
+        delta = counts if first else {name: counts[name] - old._mapping[name] for name in counts}
+        # A done batch's items are not needed again; a failed one keeps them for ``invsort jobs retry``.
+        session.execute(update(_batches).where(key).values(
+            updated_at=now, state=state, items=None if state == "done" else _batches.c.items, worker=None,
+            heartbeat_at=None, **counts))
 
     now_param = literal(now, UTCDateTime())
     result = session.execute(
@@ -390,7 +417,7 @@ def complete_job_if_done(*, session: Session, job_id: str) -> bool:
 def fail_job(*, session: Session, job_id: str, error: str) -> bool:
     """Mark a job that is still ``listing`` or ``running`` as ``failed`` with ``error``, finished now.
 
-    A job that is already ``done`` or ``failed`` is left as it is. Does not commit.
+    A job that is already ``done``, ``failed`` or ``cancelled`` is left as it is. Does not commit.
 
     Returns:
         True if this call marked the job failed, False otherwise (finished already, or no such job).

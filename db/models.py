@@ -28,7 +28,11 @@ from sqlalchemy.types import TypeDecorator
 
 from pipeline.records import STATUSES
 
-JOB_STATUSES: tuple[str, ...] = ("listing", "running", "done", "failed")
+JOB_STATUSES: tuple[str, ...] = ("listing", "running", "done", "failed", "cancelled")
+TERMINAL_JOB_STATUSES: tuple[str, ...] = ("done", "failed", "cancelled")
+#: A batch of a queued job: ``queued`` (enqueued, not started), ``running`` (a worker holds it), then ``done``,
+#: ``failed`` (given up: its items are ``failed`` rows) or ``cancelled`` (its job was cancelled before it ran).
+BATCH_STATES: tuple[str, ...] = ("queued", "running", "done", "failed", "cancelled")
 
 # Deterministic constraint and index names, so that migrations (and SQLite batch mode) can refer to them.
 NAMING_CONVENTION = {
@@ -129,7 +133,15 @@ class SortingJob(Base):
 
 
 class SortingJobBatch(Base):
-    """The counts of one batch of a job, recorded once: a redelivered batch replaces them, never adds."""
+    """One batch of a job: its state, its items (queued jobs) and its counts, recorded once.
+
+    A redelivered batch replaces its counts, never adds. Queued jobs insert the row (``state='queued'``, with
+    ``items`` as ``[[item_id, image_uri], ...]``) before the task is enqueued, so the database knows every batch
+    and the reconciler (:mod:`worker.reconciler`) can enqueue one again; embedded jobs record batches as they
+    finish (``state='done'``, no items). ``attempts`` counts task starts, ``requeues`` the reconciler's
+    re-enqueues; ``progress`` is the number of items written so far when a batch runs item by item after a
+    crash, and ``item_crashes`` how often the item at ``progress`` took its worker process down.
+    """
 
     __tablename__ = "sorting_job_batches"
 
@@ -141,3 +153,27 @@ class SortingJobBatch(Base):
     needs_review_count: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     failed_count: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     updated_at: Mapped[datetime]
+    state: Mapped[str] = mapped_column(String(16), default="done", server_default="done")
+    items: Mapped[list[list[str]] | None] = mapped_column(JSON)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    requeues: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    progress: Mapped[int | None] = mapped_column(Integer)
+    item_crashes: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    task_id: Mapped[str | None] = mapped_column(String(155))
+    worker: Mapped[str | None] = mapped_column(String(255))
+    enqueued_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (CheckConstraint(_in_list("state", BATCH_STATES), name="state"), Index(None, "state"))
+
+
+class Lease(Base):
+    """A named lock that expires: one holder at a time (e.g. the reconciler among all worker processes)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    expires_at: Mapped[datetime]

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("evaluation", ("pipeline.evaluation",)),
     ("training", ("pipeline.training",)),
     ("db", ("db", "migrations")),
-    ("jobs", ("pipeline.sorting",)),
+    ("jobs", ("pipeline.sorting", "pipeline.jobs")),
     ("bench", ("pipeline.bench",)),
     ("front doors", ("worker",)),
 ]

@@ -13,7 +13,7 @@ from db.models import Base
 from db.session import dispose_engines, get_engine, session_scope, sqlite_path
 from pipeline.errors import ConfigError
 
-TABLES = {"catalog_items", "sorting_jobs", "sorting_job_batches"}
+TABLES = {"catalog_items", "sorting_jobs", "sorting_job_batches", "leases"}
 
 
 def _schema_diff(url: str, metadata: MetaData = Base.metadata) -> list:
@@ -35,11 +35,12 @@ def test_upgrade_from_empty_to_head(empty_db_url):
 
     migrate.upgrade(empty_db_url)
 
-    assert migrate.current_revision(empty_db_url) == migrate.head_revision() == "0001"
+    head = migrate.head_revision()
+    assert migrate.current_revision(empty_db_url) == head and head >= "0002"
     assert _tables(empty_db_url) == TABLES | {"alembic_version"}
     migrate.ensure_at_head(empty_db_url)
     migrate.upgrade(empty_db_url)  # already at head: nothing to do
-    assert migrate.current_revision(empty_db_url) == "0001"
+    assert migrate.current_revision(empty_db_url) == head
 
 
 def test_migrated_schema_matches_the_models(db_url):
@@ -78,7 +79,7 @@ def test_migrations_leave_sqlite_foreign_keys_on(empty_sqlite_url):
 def test_ensure_at_head_on_an_empty_database(empty_db_url):
     with pytest.raises(ConfigError, match="invsort db upgrade") as info:
         migrate.ensure_at_head(empty_db_url)
-    assert "revision None, expected 0001" in str(info.value)
+    assert f"revision None, expected {migrate.head_revision()}" in str(info.value)
 
 
 def test_ensure_at_head_hides_the_password(empty_pg_url):
@@ -99,3 +100,25 @@ def test_ensure_at_head_on_a_database_from_a_newer_invsort(sqlite_url):
         session.connection().exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
     with pytest.raises(ConfigError, match="newer invsort"):
         migrate.ensure_at_head(sqlite_url)
+
+
+def test_0002_upgrades_a_database_with_jobs_and_keeps_them(empty_db_url):
+    # A database at 0001 with a finished job: after 0002 its batches are 'done' and the job is unchanged.
+    migrate.upgrade(empty_db_url, "0001")
+    with session_scope(empty_db_url) as session:
+        c = session.connection()
+        c.exec_driver_sql(
+            "INSERT INTO sorting_jobs (id, source, model_path, model_name, model_version, status, total_items, "
+            "total_batches, batches_done, sorted_count, needs_review_count, failed_count, created_at, updated_at) "
+            "VALUES ('j1', 's', 'm', 'n', 'v', 'done', 3, 1, 1, 3, 0, 0, '2026-01-01 00:00:00+00:00', "
+            "'2026-01-01 00:00:00+00:00')")
+        c.exec_driver_sql("INSERT INTO sorting_job_batches (job_id, batch_no, sorted_count, needs_review_count, "
+                          "failed_count, updated_at) VALUES ('j1', 0, 3, 0, 0, '2026-01-01 00:00:00+00:00')")
+    migrate.upgrade(empty_db_url)
+    with session_scope(empty_db_url) as session:
+        c = session.connection()
+        assert c.exec_driver_sql("SELECT state, attempts FROM sorting_job_batches").all() == [("done", 0)]
+        c.exec_driver_sql("UPDATE sorting_jobs SET status = 'cancelled'")
+    migrate.downgrade(empty_db_url, "0001")
+    with session_scope(empty_db_url) as session:
+        assert session.connection().exec_driver_sql("SELECT status FROM sorting_jobs").scalar() == "failed"

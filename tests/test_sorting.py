@@ -111,8 +111,10 @@ def test_review_threshold_routes_low_confidence_rows_to_review(sqlite_url):
 # --- the queued job without Celery: submit_job lists and enqueues, sort_batch is one task ---------------------------
 
 
-def test_submitted_batches_sorted_by_sort_batch_finish_the_job_once_even_when_redelivered(db_url, tmp_path):
-    from pipeline.sorting import sort_batch, submit_job
+def test_submitted_batches_run_by_run_batch_finish_the_job_once_even_when_redelivered(db_url, tmp_path):
+    from db.jobs import get_batch
+    from pipeline.jobs import run_batch
+    from pipeline.sorting import submit_job
 
     src = tmp_path / "photos"
     for f in example_files()[:10]:
@@ -122,26 +124,24 @@ def test_submitted_batches_sorted_by_sort_batch_finish_the_job_once_even_when_re
     (src / "bad" / "zero_bytes.jpg").write_bytes(b"")
     settings = build_settings(database_url=db_url, items_per_task=4, batch_size=3, device="cpu",
                               local_roots=str(src))
-    queue: list[tuple[str, int, list[list[str]]]] = []
+    queue: list[tuple[str, int, str]] = []
     job_id, total, batches = submit_job(str(src), settings=settings, model_spec="bundled:fashion_mnist_cnn",
                                         enqueue=lambda *task: queue.append(task))
-    assert (total, batches) == (11, 3) and [len(items) for _, _, items in queue] == [4, 4, 3]
-    assert [no for _, no, _ in queue] == [0, 1, 2] and all(jid == job_id for jid, _, _ in queue)
-    # tasks carry ids and URIs, never images (without a manifest an item's id is its URI)
-    assert all(item_id == uri and uri.startswith(src.as_uri()) for _, _, items in queue for item_id, uri in items)
-
-    def run(task):
-        jid, no, items = task
-        return sort_batch(jid, no, [Item(i, u) for i, u in items], settings=settings,
-                          model_spec="bundled:fashion_mnist_cnn")
-
+    assert (total, batches) == (11, 3)
+    assert queue == [(job_id, no, f"{job_id}:{no}") for no in range(3)]  # tasks name stored batches
     with session_scope(db_url) as session:
+        stored = [get_batch(session=session, job_id=job_id, batch_no=no) for no in range(3)]
         assert get_job(session=session, job_id=job_id).status == "running"
-    counts = [run(task) for task in queue]
+    assert [len(b.items) for b in stored] == [4, 4, 3] and {b.state for b in stored} == {"queued"}
+    # the database holds ids and URIs, never images (without a manifest an item's id is its URI)
+    assert all(item_id == uri and uri.startswith(src.as_uri()) for b in stored for item_id, uri in b.items)
+
+    counts = [run_batch(jid, no, settings=settings) for jid, no, _ in queue]
     assert sum(c["failed_count"] for c in counts) == 1
-    assert run(queue[0]) == counts[0]  # a redelivered task: same rows, counted once
+    assert run_batch(job_id, 0, settings=settings) == {}  # a redelivered task: nothing to do, counted once
     with session_scope(db_url) as session:
         job = get_job(session=session, job_id=job_id)
+        assert {get_batch(session=session, job_id=job_id, batch_no=no).state for no in range(3)} == {"done"}
     assert job.status == "done" and (job.total_items, job.processed, job.failed_count) == (11, 11, 1)
     assert len(rows_of(db_url, job_id)) == 11
 

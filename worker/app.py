@@ -14,7 +14,7 @@ from pipeline.settings import get_settings
 
 def make_app() -> Celery:
     settings = get_settings()
-    app = Celery("invsort", broker=settings.broker_url, include=["worker.tasks"])
+    app = Celery("invsort", broker=settings.broker_url, include=["worker.tasks", "worker.reconciler"])
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
