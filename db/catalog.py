@@ -10,21 +10,23 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import operator
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, TypedDict, cast
 
 from sqlalchemy import CursorResult, Result, Table, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from db.models import CatalogItem, SortingJob, SortingJobBatch, UTCDateTime
 from pipeline.errors import InvsortError
-from pipeline.records import ItemResult
+from pipeline.records import ItemResult, printable
 
 __all__ = [
     "CatalogRow",
@@ -32,6 +34,7 @@ __all__ = [
     "JobStateError",
     "JobStatus",
     "StatusCounts",
+    "catalog_key",
     "complete_job_if_done",
     "create_job",
     "fail_job",
@@ -46,6 +49,8 @@ __all__ = [
 _items = cast(Table, CatalogItem.__table__)
 _jobs = cast(Table, SortingJob.__table__)
 _batches = cast(Table, SortingJobBatch.__table__)
+
+log = logging.getLogger(__name__)
 
 _RESULT_FIELDS = tuple(f.name for f in fields(ItemResult))
 
@@ -142,12 +147,13 @@ def _insert(session: Session, table: Table) -> postgresql.Insert | sqlite.Insert
     raise InvsortError(f"unsupported database dialect {name!r}: use SQLite or PostgreSQL")
 
 
-# Columns written by upsert_items: ItemResult's fields, in their order, then updated_at. _row_values builds its
-# tuples from the same list, so the two cannot drift apart (tests/test_db.py checks that they are every column of
-# the table).
-_UPSERT_COLUMNS = (*_RESULT_FIELDS, "updated_at")
+# Columns written by upsert_items: ItemResult's fields, in their order, then item_id_full and updated_at.
+# _row_values builds its tuples from the same list, so the two cannot drift apart (tests/test_db.py checks that
+# they are every column of the table).
+_UPSERT_COLUMNS = (*_RESULT_FIELDS, "item_id_full", "updated_at")
 _result_values = operator.attrgetter(*_RESULT_FIELDS)  # one C-level call per row for the whole tuple
 _TOPK = _RESULT_FIELDS.index("topk")  # the one field stored as JSON text
+_AT = {name: i for i, name in enumerate(_UPSERT_COLUMNS)}
 _COLUMN_LIST = ", ".join(_UPSERT_COLUMNS)
 _SET_ALL = ", ".join(f"{name} = excluded.{name}" for name in _UPSERT_COLUMNS if name != "item_id")
 
@@ -155,6 +161,39 @@ _SQLITE_UPSERT = (
     f"INSERT INTO catalog_items ({_COLUMN_LIST}) VALUES ({', '.join('?' * len(_UPSERT_COLUMNS))}) "
     f"ON CONFLICT (item_id) DO UPDATE SET {_SET_ALL}"
 )
+
+# An id is its own key when it fits the key column (varchar(1024)) and PostgreSQL's B-tree index (about 2,700
+# bytes an entry); a longer one is stored under a key derived from it, with the whole id in item_id_full.
+KEY_MAX_CHARS = 1024
+KEY_MAX_BYTES = 2048
+_DIGEST_MARK = "#sha256:"
+_KEY_PREFIX_CHARS = KEY_MAX_CHARS - len(_DIGEST_MARK) - 64
+_KEY_PREFIX_BYTES = KEY_MAX_BYTES - len(_DIGEST_MARK) - 64
+# SQLSTATE classes of a refused row: data exception, integrity constraint violation, program limit exceeded
+_REFUSAL_CLASSES = ("22", "23", "54")
+_REFUSED_ERROR_CHARS = 2000
+
+
+def catalog_key(item_id: str) -> str:
+    """The ``catalog_items.item_id`` key an item id is stored under.
+
+    An id of at most :data:`KEY_MAX_CHARS` (1,024) characters and :data:`KEY_MAX_BYTES` (2,048) UTF-8 bytes is
+    its own key. A longer one gets ``PREFIX#sha256:HEX``: its first characters (NUL and unpaired surrogates
+    escaped, :func:`pipeline.records.printable`), cut so that the key keeps within both limits, then the SHA-256
+    of the whole id's UTF-8 (64 hex digits); :func:`upsert_items` keeps the whole id in ``item_id_full`` and
+    :func:`iter_items` gives it back. Deterministic, so a re-sorted item finds its row again.
+    """
+    if len(item_id) <= KEY_MAX_BYTES // 4 or (
+        len(item_id) <= KEY_MAX_CHARS and len(item_id.encode("utf-8", "surrogatepass")) <= KEY_MAX_BYTES
+    ):
+        return item_id
+    return _derived_key(item_id)
+
+
+def _derived_key(item_id: str) -> str:
+    digest = hashlib.sha256(item_id.encode("utf-8", "surrogatepass")).hexdigest()
+    prefix = printable(item_id)[:_KEY_PREFIX_CHARS].encode()[:_KEY_PREFIX_BYTES].decode("utf-8", "ignore")
+    return f"{prefix}{_DIGEST_MARK}{digest}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,53 +226,46 @@ def _pg_staging() -> _PgStaging:
     )
 
 
-def _row_values(rows: Sequence[ItemResult], updated_at: Any) -> list[tuple[Any, ...]]:
-    """One tuple per distinct item in ``_UPSERT_COLUMNS`` order, the last result of each item winning."""
+def _row_values(rows: Sequence[ItemResult], updated_at: Any) -> dict[str, tuple[Any, ...]]:
+    """One tuple per distinct item in ``_UPSERT_COLUMNS`` order, by item id, the last result of each item
+    winning; a long id goes under its :func:`catalog_key`, the whole id in ``item_id_full``."""
     dumps = json.dumps  # what SQLAlchemy's JSON type uses by default: the same text on both databases
     by_id = {}
     for r in rows:
         v = _result_values(r)
-        by_id[r.item_id] = (*v[:_TOPK], dumps(v[_TOPK]), *v[_TOPK + 1 :], updated_at)
-    return list(by_id.values())
+        item_id = v[0]
+        if len(item_id) <= KEY_MAX_BYTES // 4:  # nearly every id: its own key, whatever its characters
+            by_id[item_id] = (*v[:_TOPK], dumps(v[_TOPK]), *v[_TOPK + 1 :], None, updated_at)
+            continue
+        key = catalog_key(item_id)
+        full = None if key == item_id else item_id
+        by_id[item_id] = (key, *v[1:_TOPK], dumps(v[_TOPK]), *v[_TOPK + 1 :], full, updated_at)
+    return by_id
 
 
-def upsert_items(*, session: Session, rows: Sequence[ItemResult]) -> int:
-    """Insert or replace the catalog rows of ``rows``, keyed by ``item_id``, with one batched write.
-
-    ``INSERT ... ON CONFLICT (item_id) DO UPDATE`` sets every column of an existing row to the new values,
-    with one ``updated_at`` (now, UTC) for the whole call. If ``rows`` names an item more than once, its last
-    result wins. Runs in the caller's transaction and does not commit; an empty ``rows`` does nothing.
-
-    On PostgreSQL (psycopg 3) the rows are sent with ``COPY`` into a temporary staging table of the session's
-    connection (created on first use, emptied at commit; needs the ``TEMPORARY`` privilege, which PostgreSQL
-    grants to everyone by default) and merged with one ``INSERT ... SELECT``. On SQLite they go through one
-    prepared statement with ``executemany``. Either way there is no per-row SQLAlchemy work: figures are in
-    ``pipeline/bench/catalog.py``.
-
-    Returns:
-        The number of distinct items written.
+def _writer(connection: Connection) -> tuple[Callable[[list[tuple[Any, ...]]], object], Any]:
+    """``(write, updated_at)``: the batched upsert of value tuples on the connection's database, and now (UTC)
+    as ``write`` takes it.
 
     Raises:
-        sqlalchemy.exc.IntegrityError: a row breaks a constraint (e.g. an unknown ``status``).
-        sqlalchemy.exc.DataError: a value does not fit its column (e.g. a NUL character in a string).
-        InvsortError: the session is not bound to SQLite or PostgreSQL with psycopg 3.
+        InvsortError: not SQLite, or PostgreSQL without psycopg 3.
     """
-    if not rows:
-        return 0
-    connection = session.connection(bind_arguments={"mapper": CatalogItem})
     dialect = connection.dialect
     now = _now()
     if dialect.name == "sqlite":
         # Stored as SQLAlchemy stores it (UTC text), converted once for the whole call.
         process = _items.c.updated_at.type.dialect_impl(dialect).bind_processor(dialect)
-        values = _row_values(rows, process(now) if process else now)
-        connection.exec_driver_sql(_SQLITE_UPSERT, values)
-        return len(values)
+        return functools.partial(connection.exec_driver_sql, _SQLITE_UPSERT), process(now) if process else now
     if dialect.name != "postgresql":
         raise InvsortError(f"unsupported database dialect {dialect.name!r}: use SQLite or PostgreSQL")
     if dialect.driver != "psycopg":
         raise InvsortError(f"PostgreSQL driver {dialect.driver!r} is not supported: use postgresql+psycopg://")
-    values = _row_values(rows, now)
+    return functools.partial(_pg_write, connection), now
+
+
+def _pg_write(connection: Connection, values: list[tuple[Any, ...]]) -> None:
+    """COPY ``values`` into the connection's staging table and merge them into ``catalog_items``."""
+    dialect = connection.dialect
     sql = _pg_staging()
     dbapi_error = dialect.loaded_dbapi.Error
     try:
@@ -246,7 +278,128 @@ def upsert_items(*, session: Session, rows: Sequence[ItemResult]) -> int:
         # Straight from the driver: wrap it as SQLAlchemy would have (DataError, OperationalError, ...).
         raise DBAPIError.instance(sql.copy, None, exc, dbapi_error, dialect=dialect) from exc
     connection.exec_driver_sql(sql.merge)
-    return len(values)
+
+
+def _refusal(exc: Exception) -> str | None:
+    """Why the database refused the data (a value that does not fit, breaks a constraint or cannot be encoded),
+    in one line; None for any other error (a lost connection, a deadlock...), which must not be blamed on rows."""
+    if isinstance(exc, UnicodeEncodeError):
+        return f"text it cannot encode: {exc}"
+    if not isinstance(exc, DBAPIError):
+        return None
+    sqlstate = getattr(exc.orig, "sqlstate", None) or ""
+    if not isinstance(exc, DataError | IntegrityError) and sqlstate[:2] not in _REFUSAL_CLASSES:
+        return None
+    lines = str(exc.orig).strip().splitlines()  # the first line: the message without the row (CONTEXT, DETAIL)
+    return (lines[0] if lines else type(exc.orig).__name__)[:300]
+
+
+def _write_or_refuse(
+    session: Session, write: Callable[[list[tuple[Any, ...]]], object], values: list[tuple[Any, ...]]
+) -> list[tuple[tuple[Any, ...], str]]:
+    """Write ``values`` in one batch inside a savepoint; if the database refuses it, find the rows it refuses by
+    halving (each half in a savepoint of its own) and write the rest. Returns the refused rows, each with why.
+
+    Raises what :func:`_refusal` does not recognise as a refusal of the data.
+    """
+    refused: list[tuple[tuple[Any, ...], str]] = []
+    pending = [values]
+    while pending:
+        chunk = pending.pop()
+        try:
+            with session.begin_nested():
+                write(chunk)
+            continue
+        except (DBAPIError, UnicodeEncodeError) as exc:
+            reason = _refusal(exc)
+            if reason is None:
+                raise
+        if len(chunk) == 1:
+            refused.append((chunk[0], reason))
+        else:
+            pending += [chunk[len(chunk) // 2 :], chunk[: len(chunk) // 2]]
+    return refused
+
+
+def _failed_value(value: tuple[Any, ...], item_id: str, reason: str) -> tuple[Any, ...]:
+    """The ``failed`` row that replaces a refused one: the reason in ``error``, no prediction, text the databases
+    can store (escaped where it could not be), an id they cannot store under its derived key."""
+    v = list(value)
+    if printable(item_id) != item_id:
+        v[0], v[_AT["item_id_full"]] = _derived_key(item_id), None
+    v[_AT["image_uri"]] = printable(v[_AT["image_uri"]])
+    v[_AT["status"]], v[_AT["category"]], v[_AT["confidence"]], v[_AT["topk"]] = "failed", None, None, "[]"
+    v[_AT["error"]] = printable(f"the database refused this row: {reason}")[:_REFUSED_ERROR_CHARS]
+    for name, limit in (("model_name", 255), ("model_version", 64)):
+        if v[_AT[name]] is not None:
+            v[_AT[name]] = printable(v[_AT[name]])[:limit]
+    return tuple(v)
+
+
+def _fail_refused(
+    session: Session,
+    write: Callable[[list[tuple[Any, ...]]], object],
+    rows: Sequence[ItemResult],
+    by_id: dict[str, tuple[Any, ...]],
+    refused: list[tuple[tuple[Any, ...], str]],
+) -> int:
+    """Write a ``failed`` row for each refused one, change the refused :class:`ItemResult` objects of ``rows`` in
+    place to what was written, and return how many items have no row at all (refused as failed rows too)."""
+    key_of = {id(value): item_id for item_id, value in by_id.items()}
+    reasons = {key_of[id(value)]: reason for value, reason in refused}
+    failed = {item_id: _failed_value(by_id[item_id], item_id, reason) for item_id, reason in reasons.items()}
+    lost = _write_or_refuse(session, write, list(failed.values()))
+    for value, why in lost:
+        log.error("catalog row of item %r not written, even as a failed row: %s", value[0], why)
+    for item_id, reason in reasons.items():
+        log.warning("the database refused the catalog row of item %r: %s", printable(item_id)[:200], reason)
+    for r in rows:
+        if r.item_id in failed:
+            r.status, r.category, r.confidence, r.topk = "failed", None, None, []
+            r.error = failed[r.item_id][_AT["error"]]
+    return len(lost)
+
+
+def upsert_items(*, session: Session, rows: Sequence[ItemResult]) -> int:
+    """Insert or replace the catalog rows of ``rows``, keyed by ``item_id``, with one batched write.
+
+    ``INSERT ... ON CONFLICT (item_id) DO UPDATE`` sets every column of an existing row to the new values,
+    with one ``updated_at`` (now, UTC) for the whole call. If ``rows`` names an item more than once, its last
+    result wins. Runs in the caller's transaction and does not commit; an empty ``rows`` does nothing. An id too
+    long for the key column is stored under its :func:`catalog_key`, the whole id in ``item_id_full``.
+
+    On PostgreSQL (psycopg 3) the rows are sent with ``COPY`` into a temporary staging table of the session's
+    connection (created on first use, emptied at commit; needs the ``TEMPORARY`` privilege, which PostgreSQL
+    grants to everyone by default) and merged with one ``INSERT ... SELECT``. On SQLite they go through one
+    prepared statement with ``executemany``. Either way there is no per-row SQLAlchemy work: figures are in
+    ``pipeline/bench/catalog.py``.
+
+    Rows the database refuses fail alone: the batch is written inside a savepoint; when the database refuses it
+    (a value that does not fit its column, a NUL character on PostgreSQL, text with an unpaired surrogate, a
+    broken constraint such as an unknown ``status``), the refused rows are found by halving the batch, each half
+    in a savepoint, and the rest is written. Each refused row is written as a ``failed`` row instead, ``error``
+    = ``the database refused this row: REASON`` (its text escaped, an id the database cannot store under its
+    derived key); the :class:`ItemResult` objects of ``rows`` are changed in place to match (status ``failed``,
+    no category, confidence or top-k, that error), so counts taken from ``rows`` after this call agree with the
+    table. A row refused even then is left out and logged.
+
+    Returns:
+        The number of distinct items written.
+
+    Raises:
+        InvsortError: the session is not bound to SQLite or PostgreSQL with psycopg 3.
+        sqlalchemy.exc.DBAPIError: an error that is not a refusal of the data (e.g. ``OperationalError``: the
+            connection was lost).
+    """
+    if not rows:
+        return 0
+    connection = session.connection(bind_arguments={"mapper": CatalogItem})
+    write, updated_at = _writer(connection)
+    by_id = _row_values(rows, updated_at)
+    refused = _write_or_refuse(session, write, list(by_id.values()))
+    if not refused:
+        return len(by_id)
+    return len(by_id) - _fail_refused(session, write, rows, by_id, refused)
 
 
 def create_job(
@@ -347,7 +500,7 @@ def record_batch(
         delta = counts if first else {name: counts[name] - old._mapping[name] for name in counts}
         # A done batch's items are not needed again; a failed one keeps them for ``invsort jobs retry``.
         session.execute(update(_batches).where(key).values(
-            updated_at=now, state=state, items=None if state == "done" else _batches.c.items, worker=None,
+            updated_at=now, state=state, items=None if state == "done" else _batches.c["items"], worker=None,
             heartbeat_at=None, **counts))
 
     now_param = literal(now, UTCDateTime())
@@ -463,9 +616,12 @@ def iter_items(*, session: Session, job_id: str | None = None, chunk: int = 1000
     exports of any size. Consume the iterator inside the session's transaction.
 
     Yields:
-        One :class:`CatalogRow` per catalog item.
+        One :class:`CatalogRow` per catalog item, its ``item_id`` the whole id (``item_id_full`` for a row
+        stored under a derived key, :func:`catalog_key`).
     """
-    stmt = select(*(_items.c[name] for name in _ROW_FIELDS)).order_by(_items.c.item_id)
+    whole_id = func.coalesce(_items.c.item_id_full, _items.c.item_id)
+    stmt = select(*(whole_id if name == "item_id" else _items.c[name] for name in _ROW_FIELDS))
+    stmt = stmt.order_by(_items.c.item_id)
     if job_id is not None:
         stmt = stmt.where(_items.c.job_id == job_id)
     result = session.execute(stmt.execution_options(yield_per=chunk))

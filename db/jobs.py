@@ -292,7 +292,7 @@ def retry_job(*, session: Session, job_id: str, alive_after: datetime | None = N
     )).order_by(_batches.c.batch_no)).all()
     if not rows:
         return []
-    if any(r.items is None for r in rows):
+    if any(r._mapping["items"] is None for r in rows):
         raise JobStateError(f"job {job_id} ran embedded (its batches are not stored): run invsort sort again")
     failed = [r for r in rows if r.state in FINISHED_BATCH_STATES]
     now = _now()

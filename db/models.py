@@ -81,11 +81,16 @@ class Base(DeclarativeBase):
 
 
 class CatalogItem(Base):
-    """One catalogued item: the latest result of sorting its photo (one row per ``item_id``)."""
+    """One catalogued item: the latest result of sorting its photo (one row per ``item_id``).
+
+    ``item_id`` is the item's id, or for an id longer than 1,024 characters or 2,048 UTF-8 bytes a key derived
+    from it (:func:`db.catalog.catalog_key`), with the whole id in ``item_id_full`` (null for every other row).
+    """
 
     __tablename__ = "catalog_items"
 
     item_id: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    item_id_full: Mapped[str | None] = mapped_column(Text)
     image_uri: Mapped[str] = mapped_column(Text)
     category: Mapped[str | None] = mapped_column(String(255))
     confidence: Mapped[float | None] = mapped_column(Float)
