@@ -186,14 +186,22 @@ def batch_updated_at(pg_url: str, job_id: str, batch_no: int) -> datetime | None
     """When ``record_batch`` last wrote batch ``batch_no`` of the job; None while it is not recorded."""
     with session_scope(pg_url) as session:
         return session.execute(select(SortingJobBatch.updated_at).where(
-            SortingJobBatch.job_id == job_id, SortingJobBatch.batch_no == batch_no)).scalar()
+            SortingJobBatch.job_id == job_id, SortingJobBatch.batch_no == batch_no,
+            SortingJobBatch.state.in_(("done", "failed")))).scalar()
+
+
+def batch_items(pg_url: str, job_id: str, batch_no: int) -> list[list[str]]:
+    """The ``[[item_id, image_uri], ...]`` that ``submit`` stored for a batch (while it is not done)."""
+    with session_scope(pg_url) as session:
+        return session.execute(select(SortingJobBatch.items).where(
+            SortingJobBatch.job_id == job_id, SortingJobBatch.batch_no == batch_no)).scalar_one()
 
 
 def recorded_batches(pg_url: str, job_id: str, before: datetime | None = None) -> tuple[int, int]:
     """(batches, items) recorded for the job, last written before ``before`` if given."""
     b = SortingJobBatch
     stmt = select(func.count(), func.coalesce(func.sum(b.sorted_count + b.needs_review_count + b.failed_count), 0)
-                  ).where(b.job_id == job_id)
+                  ).where(b.job_id == job_id, b.state.in_(("done", "failed")))
     if before is not None:
         stmt = stmt.where(b.updated_at < before)
     with session_scope(pg_url) as session:
@@ -309,7 +317,8 @@ def test_worker_killed_holding_a_task_has_it_rerun_by_another_worker(pg_url, s3_
             os.killpg(a.pid, signal.SIGKILL)
         a.wait(timeout=10)
     killed_at = datetime.now(UTC)
-    batch_no, items = args[1], args[2]
+    batch_no = args[1]
+    items = batch_items(pg_url, job_id, batch_no)  # tasks name a batch the database holds
     assert a.returncode == -signal.SIGKILL
     # A died holding it: received, never acknowledged, never finished; other batches it did finish
     assert unacked_tasks(client) == {tag: (task_id, args)}
