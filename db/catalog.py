@@ -308,6 +308,7 @@ def _write_or_refuse(
         chunk = pending.pop()
         try:
             with session.begin_nested():
+                session.connection(bind_arguments={"mapper": CatalogItem})  # emits the SAVEPOINT (it is lazy)
                 write(chunk)
             continue
         except (DBAPIError, UnicodeEncodeError) as exc:
@@ -327,11 +328,10 @@ def _failed_value(value: tuple[Any, ...], item_id: str, reason: str) -> tuple[An
     v = list(value)
     if printable(item_id) != item_id:
         v[0], v[_AT["item_id_full"]] = _derived_key(item_id), None
-    v[_AT["image_uri"]] = printable(v[_AT["image_uri"]])
     v[_AT["status"]], v[_AT["category"]], v[_AT["confidence"]], v[_AT["topk"]] = "failed", None, None, "[]"
     v[_AT["error"]] = printable(f"the database refused this row: {reason}")[:_REFUSED_ERROR_CHARS]
-    for name, limit in (("model_name", 255), ("model_version", 64)):
-        if v[_AT[name]] is not None:
+    for name, limit in (("image_uri", None), ("model_name", 255), ("model_version", 64)):
+        if isinstance(v[_AT[name]], str):
             v[_AT[name]] = printable(v[_AT[name]])[:limit]
     return tuple(v)
 

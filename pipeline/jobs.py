@@ -244,10 +244,11 @@ def _run_claimed(batch: Batch, *, settings: Settings, worker: str, crashed: bool
             rows: list[ItemResult] = []
             run_pipeline(items, predictor=predictor, reader=reader, on_batch=rows.extend,
                          batch_size=settings.batch_size, decode_threads=settings.decode_threads,
-                         max_pixels=settings.max_image_pixels, job_id=batch.job_id)
-            counts = count_statuses(rows)
+                         max_pixels=settings.max_image_pixels, job_id=batch.job_id,
+                         decode_memory_bytes=settings.decode_memory_bytes)
             with session_scope(url) as session:
-                upsert_items(session=session, rows=rows)
+                upsert_items(session=session, rows=rows)  # a row the database refuses becomes failed in rows
+                counts = count_statuses(rows)
                 record_batch(session=session, job_id=batch.job_id, batch_no=batch.batch_no, **counts)
     with session_scope(url) as session:
         complete_job_if_done(session=session, job_id=batch.job_id)
@@ -274,7 +275,8 @@ def _run_item_by_item(batch: Batch, items: list[Item], *, settings: Settings, pr
         else:
             rows = []
             run_pipeline([item], predictor=predictor, reader=reader, on_batch=rows.extend, batch_size=1,
-                         decode_threads=1, max_pixels=settings.max_image_pixels, job_id=batch.job_id)
+                         decode_threads=1, max_pixels=settings.max_image_pixels, job_id=batch.job_id,
+                         decode_memory_bytes=settings.decode_memory_bytes)
         position += 1
         crashes = 0
         with session_scope(url) as session:

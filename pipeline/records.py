@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 Status = Literal["sorted", "needs_review", "failed"]
 STATUSES: tuple[Status, ...] = ("sorted", "needs_review", "failed")
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """``text`` with what PostgreSQL cannot store (NUL) or no database driver can encode (an unpaired surrogate)
+    written as escapes: NUL as ``\\x00``, an unpaired surrogate U+DC80..U+DCFF (how Python's file system encoding
+    carries a byte of a name that is not UTF-8, :pep:`383`) as ``\\xNN`` of that byte, any other unpaired surrogate
+    as ``\\udNNN``. For messages (the ``error`` of a row); text without them is returned unchanged. Not
+    reversible: a backslash is not escaped.
+    """
+    return _UNSTORABLE.sub(_escape, text) if _UNSTORABLE.search(text) else text
 
 
 @dataclass(frozen=True, slots=True)

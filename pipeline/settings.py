@@ -111,6 +111,28 @@ class Settings(BaseSettings):
         description="Directories that local (file://) image URIs may be read from, separated by ':' or ','.",
     )
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto, ...).")
+    s3_retry_mode: Literal["standard", "adaptive"] = Field(
+        "standard",
+        description="botocore's retry mode for S3: standard (exponential backoff with jitter, a retry quota) or "
+        "adaptive (standard plus client-side rate limiting when S3 throttles).",
+    )
+    s3_max_attempts: int = Field(
+        10,
+        ge=1,
+        le=50,
+        description="Attempts of one S3 request, the first included, while S3 answers 5xx or throttles or the "
+        "connection times out or resets; then the job (embedded) or the task's batch (queued) stops with a "
+        "transient error instead of failing items (1..50).",
+    )
+    s3_connect_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="Timeout of one connection to S3, seconds (above 0, at most 300)."
+    )
+    s3_max_pool_connections: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="Connections to S3 kept open per process; keep it at least the decode threads (1..1024).",
+    )
     items_per_task: int = Field(
         256, ge=1, le=100_000, description="Images in one Celery image-batch task submitted by 'invsort submit'."
     )
@@ -124,8 +146,34 @@ class Settings(BaseSettings):
         description="Seconds before Redis hands an unacknowledged task (its worker died) to another worker; "
         "keep it above the longest task (at most a week).",
     )
+    heartbeat_interval_s: int = Field(
+        10, ge=1, le=300, description="Seconds between a running batch's heartbeats in the database (1..300); "
+        "a batch with none for 3 intervals is presumed lost by the reconciler.",
+    )
+    reconcile_interval_s: int = Field(
+        30, ge=1, le=3600, description="Seconds between the reconciler's passes in 'invsort worker' (1..3600).",
+    )
+    requeue_grace_s: int = Field(
+        60, ge=1, le=86_400, description="Seconds a queued batch may be absent from the broker before the "
+        "reconciler enqueues it again (1..86400).",
+    )
+    max_batch_attempts: int = Field(
+        5, ge=1, le=100, description="Starts of a batch without progress before its remaining items become "
+        "failed rows (1..100).",
+    )
+    max_requeues: int = Field(
+        5, ge=0, le=100, description="Times the reconciler enqueues a lost batch again before its items become "
+        "failed rows (0..100).",
+    )
+    poison_crashes: int = Field(
+        2, ge=1, le=20, description="Times one item may take its worker process down (crash or hang) before it "
+        "fails alone (1..20).",
+    )
     fetch_timeout_s: float = Field(
-        30.0, gt=0, le=3600, description="Timeout of one S3 read, seconds (above 0, at most an hour)."
+        30.0,
+        gt=0,
+        le=3600,
+        description="Seconds an S3 read may wait for the next bytes before it is retried (above 0, at most an hour).",
     )
     max_image_bytes: int = Field(
         50 * 1024 * 1024,
@@ -137,7 +185,15 @@ class Settings(BaseSettings):
         100_000_000,
         ge=64,
         le=2**31,
-        description="Decoded images with more pixels fail (decompression bombs); at least 8x8, at most 2**31.",
+        description="Images whose header declares more pixels fail before anything is decoded (decompression "
+        "bombs); at least 8x8, at most 2**31.",
+    )
+    decode_memory_bytes: int = Field(
+        1 << 30,  # pipeline.io.images.DEFAULT_DECODE_MEMORY_BYTES
+        ge=1 << 20,
+        le=1 << 40,
+        description="Decoded pixels the decode threads may hold together, bytes (each image's need read from its "
+        "header; one that needs more decodes alone); 1 MiB to 1 TiB.",
     )
     review_threshold: float | None = Field(
         None,

@@ -1,8 +1,9 @@
 """The main job, as plain functions that the CLI and the Celery tasks call.
 
 - :func:`sort_source` — embedded mode: list a source, sort it in this process, write the catalog.
-- :func:`sort_batch` — one image-batch task: sort a list of items and record the batch on its job.
-- :func:`submit_job` — create the job row, commit, then list the source and enqueue image-batch tasks.
+- :func:`sort_batch` — sort a list of items and record them as one batch of a job (a task from before batches
+  were stored; stored batches run through :func:`pipeline.jobs.run_batch`).
+- :func:`submit_job` — create the job row, commit, then list the source, store its batches and enqueue them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import atexit
 import logging
 import os
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -19,15 +20,27 @@ from pathlib import Path
 
 import torch
 
-from db.catalog import complete_job_if_done, create_job, fail_job, finish_listing, record_batch, upsert_items
+from db.catalog import (
+    JobStateError,
+    StatusCounts,
+    complete_job_if_done,
+    create_job,
+    fail_job,
+    finish_listing,
+    get_job,
+    record_batch,
+    upsert_items,
+)
+from db.jobs import add_batches, task_id_for
 from db.session import session_scope
-from pipeline.errors import SourceError
+from pipeline.errors import ModelVersionError, SourceError
 from pipeline.inference.predictor import Predictor, PredictorOptions
 from pipeline.inference.streaming import Summary, run_pipeline
 from pipeline.io.sources import iter_source
 from pipeline.io.storage import ObjectReader, local_path, make_reader
+from pipeline.models.fileversion import Fingerprint, model_file_fingerprint
 from pipeline.models.modelfile import load_model_file
-from pipeline.records import Item, ItemResult
+from pipeline.records import Item, ItemResult, printable
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,30 +49,63 @@ log = logging.getLogger(__name__)
 _PredictorKey = tuple[str, PredictorOptions, int]
 _predictors: OrderedDict[_PredictorKey, Predictor] = OrderedDict()
 _predictors_lock = threading.Lock()
+_fingerprints: dict[_PredictorKey, Fingerprint] = {}  # what the file looked like when each cached one was loaded
 MAX_CACHED_PREDICTORS = 4
 
 
-def get_predictor(settings: Settings, model_spec: str | None = None, *, reader: ObjectReader | None = None
-                  ) -> Predictor:
-    """The process's :class:`Predictor` for a model and ``settings``, loaded once and reused by every later batch.
+def get_predictor(settings: Settings, model_spec: str | None = None, *, reader: ObjectReader | None = None,
+                  version: str | None = None) -> Predictor:
+    """The process's :class:`Predictor` for a model and ``settings``, loaded once and reused by later batches
+    while the file behind the spec is unchanged.
 
-    The :data:`MAX_CACHED_PREDICTORS` most recently used are kept; an older one is closed when a new one is
-    loaded (a closed predictor still predicts, so a caller that holds one is not broken), and all of them at
-    exit.
+    Each call checks the file once (:func:`pipeline.models.fileversion.model_file_fingerprint`: ``os.stat`` of a
+    local file, one S3 ``HeadObject`` for ``s3://``); a file replaced or rewritten since is loaded again and the
+    old predictor dropped. The :data:`MAX_CACHED_PREDICTORS` most recently used are kept; an older one is closed
+    when a new one is loaded (a closed predictor still predicts, so a caller that holds one is not broken), and
+    all of them at exit.
+
+    Args:
+        settings: the model path (when ``model_spec`` is None) and the :class:`PredictorOptions`.
+        model_spec: a local path, an ``s3://`` URI or ``bundled:NAME``.
+        reader: reads and HEADs ``s3://`` model files (None: a new one for ``settings``; pass one per process or
+            task, it holds the S3 client).
+        version: the version a job pinned (12 hex chars, :func:`pipeline.models.fileversion.model_file_version`
+            at submit); None: any.
+
+    Raises:
+        ModelVersionError: ``version`` is given and the file's version, computed from its content as loaded, is
+            another; the message names the spec, the pinned version and the file's version now.
+        FileNotFoundError, PermissionError, OSError: the file cannot be stat'ed, HEAD'ed or read.
+        ModelFileError: the file is not a usable model file (:func:`load_model_file`).
+        ConfigError: ``settings`` ask for something this machine cannot do (:class:`Predictor`).
     """
     spec = model_spec or settings.model_path
+    reader = reader or make_reader(settings)
     key = (spec, PredictorOptions.from_settings(settings), torch.get_num_threads())
+    fingerprint = model_file_fingerprint(spec, reader=reader)  # before the read: a later change reloads again
     with _predictors_lock:
-        if key in _predictors:
+        predictor = _predictors.get(key)
+        if predictor is not None and _fingerprints.get(key) == fingerprint:
             _predictors.move_to_end(key)
-            return _predictors[key]
-        mf = load_model_file(spec, reader=reader or make_reader(settings))
-        predictor = _predictors[key] = Predictor(mf, key[1])
-        log.info("loaded model %s version %s on %s with %s, JPEG decoding with %s", mf.name, mf.version,
-                 predictor.device, settings.runtime, predictor.decode_backend)
-        while len(_predictors) > MAX_CACHED_PREDICTORS:
-            _predictors.popitem(last=False)[1].close()
-        return predictor
+        else:
+            if predictor is not None:
+                log.info("model file %s changed since version %s was loaded; loading it again", spec,
+                         predictor.model_file.version)
+                del _predictors[key]
+                predictor.close()
+            mf = load_model_file(spec, reader=reader)
+            predictor = _predictors[key] = Predictor(mf, key[1])
+            _fingerprints[key] = fingerprint
+            log.info("loaded model %s version %s on %s with %s, JPEG decoding with %s", mf.name, mf.version,
+                     predictor.device, settings.runtime, predictor.decode_backend)
+            while len(_predictors) > MAX_CACHED_PREDICTORS:
+                old_key, old = _predictors.popitem(last=False)
+                _fingerprints.pop(old_key, None)
+                old.close()
+    if version is not None and predictor.model_file.version != version:
+        raise ModelVersionError(f"model file {spec} has changed since the job was submitted: the job pinned version "
+                                f"{version}, the file now has version {predictor.model_file.version}")
+    return predictor
 
 
 @atexit.register
@@ -78,13 +124,15 @@ def source_roots(source: str) -> list[Path]:
     """
     if "://" in source and not source.startswith("file://"):
         return []  # s3:// (or a scheme iter_source will refuse with the list of valid ones)
+    if "\x00" in source:
+        raise SourceError(f"source not found: {printable(source)} (a path cannot contain a NUL character)")
     path = local_path(source) if source.startswith("file://") else Path(source)
     path = Path(os.path.realpath(path))
     if path.is_dir():
         return [path]
     if path.is_file():  # a manifest: its folder holds the images it names by relative path
         return [path.parent]
-    raise SourceError(f"source not found: {source}")
+    raise SourceError(f"source not found: {printable(source)}")
 
 
 @dataclass
@@ -115,7 +163,7 @@ def sort_source(
     mf = predictor.model_file
     url = settings.database_url
     with session_scope(url) as session:
-        job_id = create_job(session=session, source=source, model_path=model_spec or settings.model_path,
+        job_id = create_job(session=session, source=printable(source), model_path=model_spec or settings.model_path,
                             model_name=mf.name, model_version=mf.version)
     items: Iterator[Item] = iter_source(source, reader)
     if limit is not None:
@@ -126,7 +174,7 @@ def sort_source(
         nonlocal batch_no
         with session_scope(url) as session:
             upsert_items(session=session, rows=rows)
-            record_batch(session=session, job_id=job_id, batch_no=batch_no, **_counts(rows))
+            record_batch(session=session, job_id=job_id, batch_no=batch_no, **count_statuses(rows))
         batch_no += 1
         if on_progress:
             on_progress(rows)
@@ -135,6 +183,7 @@ def sort_source(
         summary = run_pipeline(
             items, predictor=predictor, reader=reader, on_batch=write, batch_size=settings.batch_size,
             decode_threads=settings.decode_threads, max_pixels=settings.max_image_pixels, job_id=job_id,
+            decode_memory_bytes=settings.decode_memory_bytes,
         )
     except BaseException as exc:
         with session_scope(url) as session:
@@ -147,16 +196,15 @@ def sort_source(
     return SortOutcome(job_id, summary)
 
 
-def _counts(rows: Iterable[ItemResult]) -> dict[str, int]:
-    c = {"sorted_count": 0, "needs_review_count": 0, "failed_count": 0}
-    for r in rows:
-        c[f"{r.status}_count"] += 1
-    return c
+def count_statuses(rows: Iterable[ItemResult]) -> StatusCounts:
+    """``{"sorted_count": n, "needs_review_count": n, "failed_count": n}`` of ``rows``."""
+    c = Counter(r.status for r in rows)
+    return StatusCounts(sorted_count=c["sorted"], needs_review_count=c["needs_review"], failed_count=c["failed"])
 
 
 def sort_batch(
     job_id: str, batch_no: int, items: list[Item], *, settings: Settings, model_spec: str
-) -> dict[str, int]:
+) -> StatusCounts:
     """One image-batch task: sort ``items``, upsert their rows and record the batch, in one transaction.
 
     Safe to run twice (a redelivered task): rows are upserted and the batch's counts replace its earlier ones.
@@ -170,14 +218,19 @@ def sort_batch(
         all_rows.extend(rows)
 
     run_pipeline(items, predictor=predictor, reader=reader, on_batch=collect, batch_size=settings.batch_size,
-                 decode_threads=settings.decode_threads, max_pixels=settings.max_image_pixels, job_id=job_id)
-    counts = _counts(all_rows)
+                 decode_threads=settings.decode_threads, max_pixels=settings.max_image_pixels, job_id=job_id,
+                 decode_memory_bytes=settings.decode_memory_bytes)
     with session_scope(settings.database_url) as session:
-        upsert_items(session=session, rows=all_rows)
+        upsert_items(session=session, rows=all_rows)  # a row the database refuses becomes failed in all_rows
+        counts = count_statuses(all_rows)
         record_batch(session=session, job_id=job_id, batch_no=batch_no, **counts)
     with session_scope(settings.database_url) as session:
         complete_job_if_done(session=session, job_id=job_id)
     return counts
+
+
+#: Batches stored per transaction by :func:`submit_job` before their tasks are enqueued.
+SUBMIT_FLUSH_BATCHES = 32
 
 
 def submit_job(
@@ -185,33 +238,55 @@ def submit_job(
     *,
     settings: Settings,
     model_spec: str,
-    enqueue: Callable[[str, int, list[list[str]]], None],
+    enqueue: Callable[[str, int, str], None],
     limit: int | None = None,
 ) -> tuple[str, int, int]:
-    """Create the job row and commit it, then list ``source`` and ``enqueue(job_id, batch_no, [[id, uri]])``.
+    """Create the job row and commit it, then list ``source``, store its batches and enqueue their tasks.
 
-    Tasks carry ids and URIs only. Listing streams: batches are enqueued as they are listed.
+    Listing streams: every :data:`SUBMIT_FLUSH_BATCHES` batches of ``settings.items_per_task`` items are stored
+    (:func:`db.jobs.add_batches`, ``queued``, with their ids and URIs) and committed, then
+    ``enqueue(job_id, batch_no, task_id)`` is called for each: a task names a batch the database holds, and
+    a task that the queue loses is found and enqueued again by the reconciler (:mod:`pipeline.jobs`).
     Returns ``(job_id, total_items, total_batches)``.
 
     Raises:
         SourceError, FileNotFoundError, PermissionError: the source cannot be listed (the job is marked failed).
         ModelFileError: the model file is not usable (checked before anything is enqueued).
+        JobStateError: the job was cancelled while it was being listed (listing stops).
     """
     reader = make_reader(settings, extra_roots=source_roots(source))
     mf = load_model_file(model_spec, reader=reader)  # refuse a bad model before any task is queued
     with session_scope(settings.database_url) as session:
-        job_id = create_job(session=session, source=source, model_path=model_spec, model_name=mf.name,
+        job_id = create_job(session=session, source=printable(source), model_path=model_spec, model_name=mf.name,
                             model_version=mf.version)
     del mf
     total = batches = 0
+    pending: list[tuple[int, list[list[str]]]] = []
+
+    def flush() -> None:
+        with session_scope(settings.database_url) as session:
+            job = get_job(session=session, job_id=job_id)
+            if job is not None and job.status != "listing":
+                raise JobStateError(f"job {job_id} was {job.status} while its source was listed: "
+                                    f"{total - sum(len(b) for _, b in pending)} items were queued")
+            add_batches(session=session, job_id=job_id, batches=pending)
+        for batch_no, _ in pending:
+            enqueue(job_id, batch_no, task_id_for(job_id, batch_no))
+        pending.clear()
+
     try:
         items = iter_source(source, reader)
         if limit is not None:
             items = islice(items, limit)
         while chunk := list(islice(items, settings.items_per_task)):
-            enqueue(job_id, batches, [[it.item_id, it.uri] for it in chunk])
+            pending.append((batches, [[it.item_id, it.uri] for it in chunk]))
             total += len(chunk)
             batches += 1
+            if len(pending) >= SUBMIT_FLUSH_BATCHES:
+                flush()
+        flush()
+    except JobStateError:
+        raise
     except BaseException as exc:
         with session_scope(settings.database_url) as session:
             fail_job(session=session, job_id=job_id, error=f"listing failed after {total} items: {exc}"[:2000])

@@ -4,21 +4,29 @@ databases and files.
 Commands run in this process through click's ``CliRunner`` (stdout and stderr apart, no ``INVSORT_*`` variable of
 the caller's environment, unexpected exceptions raised into the test). A few run as real processes, for what only a
 process shows: a refused command prints one line and no traceback, and the README's first command works through the
-installed ``invsort`` script.
+installed ``invsort`` script. A database outage is made by a TCP relay (:class:`TcpProxy`) that the test starts on
+its own port in front of PostgreSQL and cuts; the server itself is never touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from db import catalog
 from db.session import session_scope
@@ -255,3 +263,186 @@ def test_the_readme_first_command_in_a_real_process(tmp_path):
     shown = run_process(*look[1:], "--limit", 0, cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert len(shown.stdout.splitlines()) == 50 and "examples/images/Ankle_boot/" in shown.stdout
+
+
+# --------------------------------------------------------------------------- services that do not answer
+
+
+class TcpProxy:
+    """A TCP relay on its own free loopback port in front of ``upstream`` (host, port), which a test can cut: every
+    relayed connection is closed and new ones are accepted and closed at once (counted in ``refused``) until
+    :meth:`restore`. The test's way to take the database away from a process without touching the server."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.open: list[socket.socket] = []
+        self.is_cut = False
+        self.refused = 0
+        threading.Thread(target=self._accept, name="tcp-proxy", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            with self.lock:
+                if self.is_cut:
+                    self.refused += 1
+                    client.close()
+                    continue
+            try:
+                server = socket.create_connection(self.upstream, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.open += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        with self.lock:
+            self.is_cut = True
+            for s in self.open:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            self.open.clear()
+
+    def restore(self) -> None:
+        with self.lock:
+            self.is_cut = False
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def eventually(condition: Callable[[], bool], what: str, bound_s: float = 120.0) -> None:
+    """Wait until ``condition()`` holds, checking every 0.1 s; fail after ``bound_s`` seconds (a bound, not a
+    measurement)."""
+    deadline = time.monotonic() + bound_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {bound_s} s: {what}"
+        time.sleep(0.1)
+
+
+def set_job_status(url: str, job_id: str, status: str) -> None:
+    """What a worker (done, failed) or a cancel would do to the job's row."""
+    with session_scope(url) as session:
+        session.execute(text("UPDATE sorting_jobs SET status = :s, finished_at = now(), error = :e WHERE id = :id"),
+                        {"s": status, "e": "injected by the test" if status == "failed" else None, "id": job_id})
+
+
+def test_an_unavailable_database_is_one_line_and_a_traceback_with_v():
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
+    line = one_line_error(invoke("status", "--db", url))
+    assert line.startswith("Error: database unavailable: connection failed:") and "Connection refused" in line
+    assert line.endswith("(check INVSORT_DATABASE_URL or --db)")
+    verbose = invoke("-v", "status", "--db", url)
+    assert verbose.exit_code == 1 and "Traceback" in verbose.stderr and "OperationalError" in verbose.stderr
+    assert verbose.stderr.strip().splitlines()[-1] == line
+
+
+@pytest.mark.slow  # a fresh process imports torch: ~5-10 s here
+def test_an_unavailable_broker_is_one_line_in_a_real_process(sqlite_url):
+    result = run_process("submit", EXAMPLES, "--limit", 1, env={
+        "INVSORT_DATABASE_URL": sqlite_url, "INVSORT_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    line = one_line_error(result)
+    assert line.startswith("Error: Redis broker unavailable: Error 111 connecting to 127.0.0.1:")
+    with session_scope(sqlite_url) as session:
+        (job,) = catalog.list_jobs(session=session, limit=5)
+    assert job.status == "failed"  # the job row says so too
+
+
+def test_submit_help_documents_the_exit_statuses():
+    result = invoke("submit", "--help")
+    assert result.exit_code == 0
+    text_ = " ".join(result.stdout.split())
+    assert "exit status 0 done, 1 failed, 3 cancelled" in text_ and "(2 is a usage error)" in text_
+
+
+@pytest.mark.parametrize(("status", "code"), [("done", 0), ("failed", 1), ("cancelled", 3)])
+def test_wait_ends_on_every_final_state_with_its_exit_status(status, code, pg_url, capsys):
+    from worker.cli import WAIT_EXIT_CODES, _wait
+
+    assert WAIT_EXIT_CODES[status] == code
+    with session_scope(pg_url) as session:
+        job_id = catalog.create_job(session=session, source="s3://b/p/", model_path="bundled:fashion_mnist_cnn",
+                                    model_name="fashion_mnist_cnn", model_version="abc")
+    set_job_status(pg_url, job_id, status)
+    assert _wait(job_id, pg_url, total=0, poll_s=0.01) == code
+    assert f"job {job_id} {status}: " in capsys.readouterr().out
+
+
+@pytest.fixture
+def broker_db() -> Iterator[str]:
+    """A Redis database of this test's own (index 11) for the tasks 'submit' queues; no worker reads it."""
+    import redis
+
+    url = "redis://127.0.0.1:6379/11"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+
+
+@pytest.mark.slow  # a fresh process imports torch, then waits out the outage: ~10-20 s here
+def test_submit_wait_rides_out_a_database_outage(pg_url, broker_db):
+    """The database goes away while 'submit --wait' waits (its connections are cut, new ones refused) and the job
+    ends meanwhile: the waiter says so in one line, keeps asking, and exits 0 with the job's line once it is back."""
+    u = make_url(pg_url)
+    proxy = TcpProxy((u.host or "127.0.0.1", u.port or 5432))
+    env = {**clean_env(), "INVSORT_DATABASE_URL": u.set(port=proxy.port).render_as_string(hide_password=False),
+           "INVSORT_BROKER_URL": broker_db, "INVSORT_ITEMS_PER_TASK": "1", "PYTHONUNBUFFERED": "1"}
+    script = Path(sys.executable).with_name("invsort")
+    argv = [str(script)] if script.exists() else [sys.executable, "-m", "worker.cli"]
+    proc = subprocess.Popen([*argv, "submit", str(EXAMPLES), "--limit", "2", "--wait"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(proc.stdout or ()), daemon=True)
+    reader.start()
+    try:
+        eventually(lambda: any(" tasks queued" in line for line in out) or proc.poll() is not None, "job queued")
+        assert proc.poll() is None, (out, proc.stderr.read() if proc.stderr else "")
+        job_id = out[0].split()[1].rstrip(":")
+        proxy.cut()
+        eventually(lambda: proxy.refused >= 3, "the waiter asked 3 times into the outage")
+        assert proc.poll() is None  # it did not give up
+        set_job_status(pg_url, job_id, "done")  # the job ends during the outage (straight to the server)
+        proxy.restore()
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proxy.close()
+    reader.join(10)
+    stderr = proc.stderr.read() if proc.stderr else ""
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    outage_lines = [line for line in stderr.splitlines() if "database unavailable" in line]
+    assert len(outage_lines) == 1 and "retrying until it answers" in outage_lines[0], stderr
+    assert f"job {job_id} done: " in "".join(out)

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import delete, event, func, select, text, update
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from db import catalog
@@ -175,8 +175,18 @@ def test_upsert_ten_thousand_rows_in_one_call(db_session):
 
 
 def test_status_check_rejects_unknown_status(db_session):
-    with pytest.raises(IntegrityError):
-        catalog.upsert_items(session=db_session, rows=[_result("bad", status="bogus")])
+    catalog.upsert_items(session=db_session, rows=[_result("bad")])
+    with pytest.raises(IntegrityError), db_session.begin_nested():
+        db_session.execute(update(CatalogItem).where(CatalogItem.item_id == "bad").values(status="bogus"))
+    # upsert_items does not raise: the row the database refuses is written as failed, with the reason
+    row = _result("bad", status="bogus")
+    assert catalog.upsert_items(session=db_session, rows=[row, _result("good", 2)]) == 2
+    read = _rows_by_id(db_session)
+    assert read["good"].to_result() == _result("good", 2)
+    assert read["bad"].status == "failed" and read["bad"].category is None and read["bad"].topk == []
+    assert read["bad"].error.startswith("the database refused this row: ")
+    assert "ck_catalog_items_status" in read["bad"].error
+    assert read["bad"].to_result() == row, "the ItemResult was changed in place to the row written"
 
 
 # Strings that break naive COPY text encoding or JSON escaping: separators, escapes, NULL markers, non-ASCII.
@@ -294,22 +304,104 @@ def test_two_upserts_in_one_transaction_do_not_replay_the_first(db_session):
     assert read["second"].to_result() == _result("second", 2)
 
 
-def test_failed_upsert_in_a_savepoint_leaves_nothing_behind(db_session):
-    with pytest.raises(IntegrityError), db_session.begin_nested():
-        catalog.upsert_items(session=db_session, rows=[_result("ghost", 1), _result("bad", status="bogus")])
-    assert catalog.upsert_items(session=db_session, rows=[_result("real", 2)]) == 1
-    assert list(_rows_by_id(db_session)) == ["real"]
+def test_an_error_that_is_not_a_refused_row_is_raised_and_leaves_nothing(empty_db_url):
+    # No catalog table: the database refuses the statement, not a row, so nothing is blamed on the rows.
+    with session_scope(empty_db_url) as session, pytest.raises(DBAPIError) as info:
+        catalog.upsert_items(session=session, rows=[_result("ghost", 1)])
+    assert not isinstance(info.value, DataError | IntegrityError)
 
 
 @pytest.mark.parametrize(
-    ("field", "value"),
-    [("error", "NUL \x00 inside"), ("item_id", "x" * 1025)],
-    ids=["nul-character", "item-id-too-long"],
+    ("field", "value", "reason"),
+    [
+        ("error", "NUL \x00 inside", "NUL"),
+        ("category", "c" * 256, "value too long for type character varying(255)"),
+        ("model_version", "v" * 65, "value too long for type character varying(64)"),
+    ],
+    ids=["nul-character", "category-too-long", "model-version-too-long"],
 )
-def test_postgresql_data_errors_are_sqlalchemy_errors(pg_session, field, value):
-    row = replace(_result("fine", 1), **{field: value})
-    with pytest.raises(DataError):
-        catalog.upsert_items(session=pg_session, rows=[_result("other", 2), row])
+def test_postgresql_refused_values_fail_their_row_alone(pg_session, field, value, reason):
+    row = replace(_result("refused", 1), **{field: value})
+    assert catalog.upsert_items(session=pg_session, rows=[_result("other", 2), row]) == 2
+    read = _rows_by_id(pg_session)
+    assert read["other"].to_result() == _result("other", 2)
+    assert read["refused"].status == "failed" and reason in read["refused"].error
+    assert row.status == "failed" and row.error == read["refused"].error
+
+
+def test_refused_rows_among_many_fail_alone_and_the_rest_are_written(db_session):
+    rows = [_result(f"many-{i:04d}", i % 7) for i in range(1000)]
+    bad = {17: "bogus", 503: "unknown", 998: "x"}
+    for i, status in bad.items():
+        rows[i] = replace(rows[i], status=status)  # type: ignore[arg-type]
+    rows[600] = replace(rows[600], error="unpaired surrogate \udcff in the text")
+    assert catalog.upsert_items(session=db_session, rows=rows) == 1000
+    read = _rows_by_id(db_session)
+    assert len(read) == 1000
+    refused = {k for k, row in read.items() if row.error and row.error.startswith("the database refused")}
+    assert refused == {f"many-{i:04d}" for i in [*bad, 600]}
+    assert read["many-0600"].status == "failed" and "surrogate" in read["many-0600"].error
+    assert all(read[r.item_id].to_result() == r for r in rows), "refused rows were changed in place to the failed row"
+    assert sum(r.status == "failed" for r in rows) == 4
+
+
+def test_an_id_the_databases_cannot_encode_fails_under_its_derived_key(db_session):
+    odd = "manifest-id-\udcff-\ud800"  # unpaired surrogates: a JSON manifest can give them
+    row = _result(odd, 1)
+    assert catalog.upsert_items(session=db_session, rows=[row, _result("plain", 2)]) == 2
+    read = _rows_by_id(db_session)
+    key = next(k for k in read if k.startswith("manifest-id-"))
+    assert key.startswith("manifest-id-\\xff-\\ud800#sha256:") and len(key) == len("manifest-id-\\xff-\\ud800") + 72
+    assert read[key].status == "failed" and "encode" in read[key].error
+    assert row.status == "failed" and read["plain"].to_result() == _result("plain", 2)
+    catalog.upsert_items(session=db_session, rows=[_result(odd, 3)])
+    assert len(_rows_by_id(db_session)) == 2, "the derived key is deterministic: the same item finds its row"
+
+
+LONG_IDS = {
+    "1026 ascii": "file:///photos/" + "d/" * 503 + "x.jpg",
+    "1100-character path": "file:///tmp/" + "p" * 1084 + ".png",
+    "S3 key of 1024 bytes": "s3://a-bucket-name/photos/" + "k" * 1017,
+    "2100 bytes in 700 characters": "商品" * 350,
+    "10000 characters": "m" * 10_000,
+}
+
+
+@pytest.mark.parametrize("item_id", LONG_IDS.values(), ids=LONG_IDS.keys())
+def test_long_ids_are_stored_whole_and_found_again(db_session, item_id):
+    key = catalog.catalog_key(item_id)
+    assert key != item_id and len(key) <= 1024 and len(key.encode()) <= 2048
+    assert key.startswith(item_id[:100]) and key[-72:-64] == "#sha256:"
+    row = replace(_result("placeholder", 1, job_id="long"), item_id=item_id, image_uri=item_id)
+    assert catalog.upsert_items(session=db_session, rows=[row, _result("short", 2, job_id="long")]) == 2
+    read = list(catalog.iter_items(session=db_session, job_id="long"))
+    assert sorted(r.item_id for r in read) == sorted([item_id, "short"])
+    assert next(r for r in read if r.item_id == item_id).to_result() == row
+    stored = db_session.execute(select(CatalogItem.item_id, CatalogItem.item_id_full)).all()
+    assert sorted(stored) == sorted([(key, item_id), ("short", None)])
+    again = replace(row, category="re-sorted")
+    catalog.upsert_items(session=db_session, rows=[again])
+    assert _rows_by_id(db_session)[item_id].to_result() == again, "a re-sort replaces the row, no duplicate"
+
+
+def test_catalog_key_keeps_ids_that_fit_and_derives_distinct_keys_for_the_rest():
+    assert catalog.catalog_key("x" * 1024) == "x" * 1024
+    assert catalog.catalog_key("é" * 1024) == "é" * 1024, "2048 UTF-8 bytes still fit"
+    assert catalog.catalog_key("商" * 600) == "商" * 600  # 1800 bytes
+    assert catalog.catalog_key("商" * 700) != "商" * 700  # 2100 bytes: more than the index takes
+    a, b = catalog.catalog_key("y" * 2000 + "a"), catalog.catalog_key("y" * 2000 + "b")
+    assert a != b and a[:952] == b[:952] == "y" * 952
+    assert catalog.catalog_key("z" * 1025) == catalog.catalog_key("z" * 1025)
+    odd = catalog.catalog_key("\x00" * 2000)
+    assert odd.startswith("\\x00\\x00") and "\x00" not in odd and len(odd) <= 1024
+
+
+def test_postgresql_row_refused_even_as_failed_is_left_out_and_logged(pg_session, caplog):
+    hopeless = _result("hopeless", 1, job_id="j" * 37)  # the failed row keeps job_id: refused again
+    assert catalog.upsert_items(session=pg_session, rows=[hopeless, _result("fine", 2)]) == 1
+    assert list(_rows_by_id(pg_session)) == ["fine"]
+    assert hopeless.status == "failed" and "character varying(36)" in hopeless.error
+    assert "not written, even as a failed row" in caplog.text
 
 
 def test_concurrent_overlapping_upserts_on_postgresql_do_not_deadlock(pg_url):

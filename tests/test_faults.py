@@ -9,6 +9,7 @@ free port, and the PostgreSQL outage is a proxy in front of it that the test cut
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -33,6 +34,9 @@ FAST_RECONCILER = dict(INVSORT_RECONCILE_INTERVAL_S="2", INVSORT_REQUEUE_GRACE_S
                        INVSORT_HEARTBEAT_INTERVAL_S="1")
 
 
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -50,16 +54,14 @@ def own_redis(tmp_path) -> Iterator[tuple[str, Path]]:
     procs = []
 
     def start() -> None:
-        procs.append(subprocess.Popen(["redis-server", str(conf)], stdout=subprocess.DEVNULL))
+        procs.append(subprocess.Popen([REDIS_SERVER, str(conf)], stdout=subprocess.DEVNULL))
         client = redis.Redis(port=port)
         wait_for(lambda: _pings(client), 10, "redis-server answers")
 
     start()
     yield f"redis://127.0.0.1:{port}/0", conf
-    try:  # whichever redis-server answers on the port now (a test may have restarted it)
+    with contextlib.suppress(redis.ConnectionError):  # whichever redis-server answers now (may be a restarted one)
         redis.Redis(port=port).shutdown(nosave=True)
-    except redis.ConnectionError:
-        pass
     for p in procs:
         if p.poll() is None:
             p.terminate()
@@ -137,7 +139,7 @@ def test_redis_restarted_without_persistence_mid_job_only_workers_running_job_en
         in_redis = client.llen("invsort") + client.hlen("unacked")
         client.shutdown(nosave=True)  # Redis goes down without saving: every task in it is gone
         restarted_at = time.monotonic()
-        subprocess.Popen(["redis-server", str(own_redis[1])], stdout=subprocess.DEVNULL)
+        subprocess.Popen([REDIS_SERVER, str(own_redis[1])], stdout=subprocess.DEVNULL)
         wait_for(lambda: _pings(client), 10, "redis-server is back")
         assert client.llen("invsort") == 0 and client.hlen("unacked") == 0  # the fault: the queue is empty
         os.killpg(worker.pid, signal.SIGCONT)
@@ -156,10 +158,8 @@ def test_redis_restarted_without_persistence_mid_job_only_workers_running_job_en
 
 
 def with_cont(proc: subprocess.Popen) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGCONT)
-    except ProcessLookupError:
-        pass
 
 
 POISON_HOOK = '''
@@ -292,20 +292,16 @@ class CuttableProxy:
             pass
         finally:
             for s in (a, b):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def cut(self) -> None:
         self.up.clear()
         with self._lock:
             conns, self._conns = self._conns, []
         for s in conns:
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             s.close()
 
     def restore(self) -> None:

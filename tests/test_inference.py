@@ -81,3 +81,18 @@ def test_cpu_streams_split_a_batch_into_micro_batches_with_the_same_results():
     assert pool._shutdown
     with pytest.raises(ConfigError, match="cpu_microbatch 1..4096"):
         Predictor(mf, PredictorOptions(device="cpu", cpu_microbatch=0))
+
+
+def test_rows_whose_probabilities_are_not_finite_fail_alone():
+    from pipeline.inference.predictor import NON_FINITE
+
+    mf = load_model_file("bundled:fashion_mnist_cnn")
+    with Predictor(mf, PredictorOptions(device="cpu", cpu_streams=1)) as predictor:
+        images = torch.from_numpy(np.stack([decode_image(f.read_bytes(), size=mf.input_size, in_chans=1)
+                                            for f in example_files()[:3]]))
+        probs = predictor.predict_scored(images).clone()
+        probs[1, 4] = float("nan")
+        rows = predictor.results([Item(str(i), f"u{i}") for i in range(3)], probs, "job")
+    assert [r.status for r in rows][1] == "failed" and rows[1].error == NON_FINITE
+    assert rows[1].category is None and rows[1].confidence is None and rows[1].model_version == mf.version
+    assert all(r.status != "failed" and 0 <= r.confidence <= 1 for r in (rows[0], rows[2]))

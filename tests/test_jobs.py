@@ -4,6 +4,7 @@ written into the database as a dead worker would have left them, then the real c
 with real worker processes, a real Redis and a real crash are in tests/test_faults.py."""
 
 import shutil
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -67,7 +68,7 @@ def _dead_holder() -> str:
     import socket
     import subprocess
 
-    proc = subprocess.Popen(["true"])
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()  # a pid of this host that has exited
     return f"{socket.gethostname()}:{proc.pid}"
 

@@ -1,5 +1,8 @@
 import logging
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,7 +10,9 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 
 from pipeline.errors import ConfigError, ModelFileError
-from pipeline.models.modelfile import ModelFile, load_model_file, model_version, save_model_file
+from pipeline.models.fileversion import model_file_version
+from pipeline.models.modelfile import ModelFile, load_model_file, model_version, resolve_model_path, save_model_file
+from pipeline.models.openset import OpenSet
 from pipeline.models.registry import IMAGENET_MEAN, IMAGENET_STD, REGISTRY, create_model
 from tests.images import MOBILENET_WEIGHTS
 
@@ -196,3 +201,100 @@ def test_imagenet_weights_offline_fail_in_one_line_naming_the_alternatives(tmp_p
     assert "cannot download the ImageNet weights of mobilenet_v2" in errors[0]
     assert "--weights PATH.pth" in errors[0] and "--weights s3://" in errors[0]
     assert not list((tmp_path / "torch").rglob("*.pth"))
+
+
+# --- model integrity: the version is computed from the content, and a model that would give NaN is refused ------
+
+BUNDLED_PT = resolve_model_path("bundled:fashion_mnist_cnn")
+
+
+def _payload():
+    """The bundled model file's dict, as torch loads it."""
+    return torch.load(BUNDLED_PT, map_location="cpu", weights_only=True)
+
+
+def test_the_version_is_computed_from_the_content_not_read_from_the_file(tmp_path):
+    old = load_model_file(BUNDLED_PT)
+    assert old.version == model_version(old) == model_file_version(BUNDLED_PT)
+    payload = _payload()
+    payload["state_dict"] = {k: torch.zeros_like(v) for k, v in payload["state_dict"].items()}
+    assert payload["version"] == old.version  # the old version string stays in the file
+    torch.save(payload, tmp_path / "zeroed.pt")
+    zeroed = load_model_file(str(tmp_path / "zeroed.pt"))
+    assert zeroed.version != old.version and zeroed.version == model_version(zeroed)
+    assert model_file_version(str(tmp_path / "zeroed.pt")) == zeroed.version and len(zeroed.version) == 12
+    # only content that changes a prediction counts: info and created_at do not, and neither does the tensors'
+    # layout in the archive (non-contiguous views, tensors sharing one storage at an offset)
+    payload = _payload()
+    payload["info"], payload["created_at"], payload["version"] = {"note": "re-saved"}, "2001-01-01", "0" * 12
+    w, b = payload["state_dict"]["classifier.2.weight"], payload["state_dict"]["classifier.2.bias"]
+    payload["state_dict"]["classifier.2.weight"] = w.t().contiguous().t()
+    assert not payload["state_dict"]["classifier.2.weight"].is_contiguous()
+    shared = torch.cat([b, w.flatten()])
+    payload["state_dict"]["classifier.2.bias"] = shared[: b.numel()]
+    payload["state_dict"]["classifier.5.weight"] = shared[b.numel() :][:1280].view(10, 128)
+    payload["state_dict"]["classifier.5.weight"].copy_(_payload()["state_dict"]["classifier.5.weight"])
+    torch.save(payload, tmp_path / "relaid.pt")
+    assert load_model_file(str(tmp_path / "relaid.pt")).version == old.version
+    assert model_file_version(str(tmp_path / "relaid.pt")) == old.version
+
+
+def test_the_version_of_a_model_with_an_open_set_score_is_the_same_with_and_without_torch(tmp_path):
+    mf = load_model_file(BUNDLED_PT)
+    g = torch.Generator().manual_seed(0)
+    mf.open_set = OpenSet(method="mahalanobis", threshold=-50.0, tpr=0.95, whiten=torch.randn(128, 128, generator=g),
+                          centers=torch.randn(10, 128, generator=g))
+    version = save_model_file(mf, tmp_path / "os.pt")
+    assert load_model_file(str(tmp_path / "os.pt")).version == version == model_file_version(str(tmp_path / "os.pt"))
+    assert version != load_model_file(BUNDLED_PT).version
+
+
+def test_the_version_is_computed_without_importing_torch(tmp_path):
+    zeroed = _payload()
+    zeroed["state_dict"] = {k: torch.zeros_like(v) for k, v in zeroed["state_dict"].items()}
+    torch.save(zeroed, tmp_path / "zeroed.pt")
+    code = ("import sys; from pipeline.models.fileversion import model_file_version; "
+            "print(model_file_version(sys.argv[1]), model_file_version(sys.argv[2]), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, "bundled:fashion_mnist_cnn", str(tmp_path / "zeroed.pt")],
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]).stdout.split()
+    assert out == [load_model_file(BUNDLED_PT).version, load_model_file(str(tmp_path / "zeroed.pt")).version, "False"]
+
+
+def test_files_that_are_not_model_files_are_refused_without_torch_too(tmp_path):
+    (tmp_path / "text.pt").write_text("hello")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "plain.pt")
+    with pytest.raises(ModelFileError, match="not an invsort model file"):
+        model_file_version(str(tmp_path / "text.pt"))
+    with pytest.raises(ModelFileError, match="expected format"):
+        model_file_version(str(tmp_path / "plain.pt"))
+    with pytest.raises(FileNotFoundError, match="no such model file"):
+        model_file_version(str(tmp_path / "missing.pt"))
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "invsort-model/1", "x": _Boom()}, evil, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    with pytest.raises(ModelFileError):
+        model_file_version(str(evil))  # the print is never looked up, let alone called
+
+
+def _nan_weight(payload):
+    payload["state_dict"]["classifier.5.weight"][3, 7] = float("nan")
+
+
+def _negative_variance(payload):  # finite weights, but batch norm takes the square root of a negative variance
+    payload["state_dict"]["features.0.1.running_var"][0] = -1.0
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda p: p.update(std=[0.0]), r"std \[0\.0\] must be finite and std above 0"),
+    (lambda p: p.update(std=[float("inf")]), "must be finite"),
+    (lambda p: p.update(mean=[float("nan")]), "must be finite"),
+    (lambda p: p.update(temperature=float("nan")), "temperature nan"),
+    (_nan_weight, "1 of the 1280 values of classifier.5.weight are NaN or infinite"),
+    (_negative_variance, "forward pass on probe images"),
+])
+def test_a_model_that_would_give_nan_or_infinite_outputs_is_refused_at_load(change, message, tmp_path):
+    payload = _payload()
+    change(payload)
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(ModelFileError, match=message) as refused:
+        load_model_file(str(tmp_path / "bad.pt"))
+    assert "\n" not in str(refused.value) and str(tmp_path / "bad.pt") in str(refused.value)

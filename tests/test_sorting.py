@@ -1,6 +1,8 @@
 """The job service (pipeline/sorting.py) on real images, into SQLite and PostgreSQL: the embedded job through the
 real CLI, the queued job's two halves (``submit_job`` and ``sort_batch``) without Celery, and the predictor cache."""
 
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from db.catalog import get_job, iter_items, list_jobs
 from db.session import session_scope
 from pipeline.errors import ModelFileError
 from pipeline.inference.predictor import PredictorOptions
-from pipeline.records import Item
+from pipeline.io.storage import local_path
 from pipeline.settings import build_settings
 from tests.images import BAD_IMAGES, EXAMPLES, example_files
 from worker.cli import main
@@ -99,6 +101,67 @@ def test_manifest_source_with_ids_and_a_path_outside_the_roots(tmp_path, sqlite_
     assert all(rows[f"SKU-{i}"].status != "failed" for i in range(3))
 
 
+def test_a_name_that_is_not_utf8_and_a_1100_character_path_among_100_photos(tmp_path, db_url):
+    """Issue 12: both are sorted like any photo and the job ends done with every row written."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    files = example_files()
+    for i in range(100):
+        shutil.copy(files[i % len(files)], src / f"p{i:03d}.png")
+    raw_src = os.fsencode(src)
+    odd = raw_src + b"/caf\xe9 \xff\xfe 100%.png"  # Latin-1 bytes, bytes no encoding has, and a literal '%'
+    with open(odd, "wb") as f:
+        f.write(files[7].read_bytes())
+    deep = src / "/".join(["d" * 200] * 4)
+    deep.mkdir(parents=True)
+    long_path = deep / ("y" * (1100 - len(str(deep)) - 1 - 4) + ".png")
+    long_path.write_bytes(files[8].read_bytes())
+    assert len(str(long_path)) == 1100
+
+    result = invoke("sort", src, "--db", db_url, "--no-progress")
+    assert result.exit_code == 0, result.output
+    rows = [r for r in rows_of(db_url) if r.image_uri.startswith(src.as_uri())]
+    with session_scope(db_url) as session:
+        job = get_job(session=session, job_id=rows[0].job_id)
+    assert job.status == "done" and job.processed == 102 and job.failed_count == 0
+    assert len(rows) == 102 and len({r.item_id for r in rows}) == 102
+    by_path = {os.fsencode(local_path(r.image_uri)): r for r in rows}
+    assert odd in by_path and os.fsencode(long_path) in by_path, "each URI reads back to the same bytes"
+    odd_row, long_row = by_path[odd], by_path[os.fsencode(long_path)]
+    assert odd_row.item_id == odd_row.image_uri == Path(os.fsdecode(odd)).as_uri()
+    assert "%E9%20%FF%FE%20100%25.png" in odd_row.item_id
+    assert long_row.item_id == long_row.image_uri == long_path.as_uri() and len(long_row.item_id) > 1024
+    same_photo = {7: by_path[os.fsencode(src / "p007.png")], 8: by_path[os.fsencode(src / "p008.png")]}
+    for row, twin in ((odd_row, same_photo[7]), (long_row, same_photo[8])):
+        assert row.status in ("sorted", "needs_review") and row.error is None
+        assert (row.category, row.confidence) == (twin.category, twin.confidence), "the same photo, sorted"
+
+
+def test_manifest_ids_a_database_refuses_fail_alone_and_the_job_is_done(tmp_path, db_url):
+    photos = tmp_path / "m"
+    photos.mkdir()
+    shutil.copy(example_files()[0], photos / "a.png")
+    ids = {"nul": "SKU\x00NUL", "long": "SKU-" + "9" * 5000, "plain": "SKU-plain"}
+    lines = [json.dumps({"item_id": v, "image_uri": "a.png"}) for v in ids.values()]
+    (photos / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    result = invoke("sort", photos / "manifest.jsonl", "--db", db_url, "--no-progress")
+    assert result.exit_code == 0, result.output
+    rows = {r.item_id: r for r in rows_of(db_url) if r.image_uri == (photos / "a.png").as_uri()}
+    assert len(rows) == 3
+    plain = rows[ids["plain"]]
+    assert plain.status != "failed" and rows[ids["long"]].status == plain.status, "a 5004-character id is kept"
+    if db_url.startswith("postgresql"):  # PostgreSQL text cannot hold NUL: that row fails, under its derived key
+        (nul,) = (r for k, r in rows.items() if k.startswith("SKU\\x00NUL#sha256:"))
+        assert nul.status == "failed" and nul.error.startswith("the database refused this row: ")
+        assert "NUL" in nul.error
+    else:  # SQLite stores it
+        assert rows[ids["nul"]].status == plain.status
+    with session_scope(db_url) as session:
+        job = get_job(session=session, job_id=plain.job_id)
+    failed = sum(r.status == "failed" for r in rows.values())
+    assert job.status == "done" and job.processed == 3 and job.failed_count == failed, "counts agree with rows"
+
+
 def test_review_threshold_routes_low_confidence_rows_to_review(sqlite_url):
     result = invoke("sort", EXAMPLES, "--db", sqlite_url, "--no-progress", env={"INVSORT_REVIEW_THRESHOLD": "0.999"})
     assert result.exit_code == 0, result.output
@@ -179,3 +242,71 @@ def test_the_job_service_caches_a_predictor_per_model_and_options_and_closes_the
     assert first._pool is None and second._pool is not None
     sorting.close_predictors()
     assert second._pool is None and not sorting._predictors
+
+
+def _recalibrated(src: str, out: Path, temperature: float) -> str:
+    """Write ``src``'s model with another temperature to ``out`` (atomically: a new file); its version."""
+    from pipeline.models.modelfile import load_model_file, save_model_file
+
+    mf = load_model_file(src)
+    mf.temperature = temperature
+    return save_model_file(mf, out)
+
+
+def test_the_cached_predictor_is_reloaded_when_its_model_file_changes_and_a_pinned_version_is_checked(tmp_path):
+    import re
+
+    from pipeline import sorting
+    from pipeline.errors import ModelVersionError
+    from pipeline.models.fileversion import model_file_version, resolve_model_path
+
+    bundled = resolve_model_path("bundled:fashion_mnist_cnn")
+    path = tmp_path / "m.pt"
+    shutil.copy(bundled, path)
+    spec = str(path)
+    settings = build_settings(device="cpu", cpu_streams=1)
+    sorting.close_predictors()
+    pinned = model_file_version(spec)  # what submit pins, without torch
+    first = sorting.get_predictor(settings, spec, version=pinned)
+    assert first.model_file.version == pinned
+    assert sorting.get_predictor(settings, spec, version=pinned) is first  # unchanged file: the cached one
+    # replaced (a new file moved over the path)
+    new_version = _recalibrated(spec, path, 2.0)
+    second = sorting.get_predictor(settings, spec)
+    assert second is not first and second.model_file.version == new_version != pinned
+    with pytest.raises(ModelVersionError, match=re.escape(f"model file {spec} has changed since the job was "
+                                                          f"submitted: the job pinned version {pinned}, the file "
+                                                          f"now has version {new_version}")):
+        sorting.get_predictor(settings, spec, version=pinned)
+    assert sorting.get_predictor(settings, spec, version=new_version) is second
+    # rewritten in place (same inode)
+    inode = path.stat().st_ino
+    path.write_bytes(Path(bundled).read_bytes())
+    assert path.stat().st_ino == inode
+    third = sorting.get_predictor(settings, spec, version=pinned)
+    assert third is not second and third.model_file.version == pinned
+    sorting.close_predictors()
+
+
+def test_an_s3_model_is_reloaded_when_its_object_changes(s3_bucket, tmp_path):
+    from pipeline import sorting
+    from pipeline.errors import ModelVersionError
+    from pipeline.io.storage import make_reader
+    from pipeline.models.fileversion import model_file_version, resolve_model_path
+
+    client, bucket = s3_bucket
+    uri = f"s3://{bucket}/models/m.pt"
+    client.upload_file(resolve_model_path("bundled:fashion_mnist_cnn"), bucket, "models/m.pt")
+    settings = build_settings(device="cpu", cpu_streams=1, s3_endpoint_url=client.meta.endpoint_url)
+    reader = make_reader(settings)
+    sorting.close_predictors()
+    pinned = model_file_version(uri, reader=reader)
+    first = sorting.get_predictor(settings, uri, reader=reader, version=pinned)
+    assert sorting.get_predictor(settings, uri, reader=reader, version=pinned) is first
+    new_version = _recalibrated("bundled:fashion_mnist_cnn", tmp_path / "new.pt", 3.0)
+    client.upload_file(str(tmp_path / "new.pt"), bucket, "models/m.pt")
+    with pytest.raises(ModelVersionError, match=f"pinned version {pinned}, the file now has version {new_version}"):
+        sorting.get_predictor(settings, uri, reader=reader, version=pinned)
+    second = sorting.get_predictor(settings, uri, reader=reader, version=new_version)
+    assert second is not first and second.model_file.version == new_version == model_file_version(uri, reader=reader)
+    sorting.close_predictors()

@@ -5,15 +5,17 @@ server over HTTP)."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import pytest
 
 from pipeline.errors import SourceError
 from pipeline.io.sources import iter_source
-from pipeline.io.storage import LocalStorage, ObjectReader, S3Storage
+from pipeline.io.storage import LocalStorage, ObjectReader, S3Storage, local_path
 from pipeline.records import Item
 from tests.fixtures.files import put_objects, write_file
 
@@ -238,3 +240,54 @@ def test_manifest_with_old_mac_line_endings(tmp_path: Path) -> None:
     manifest = write_file(tmp_path / "m.csv", b"item_id,image_uri\ra,x.jpg\rb,y.jpg\r")
     items = list(iter_source(str(manifest), ObjectReader(LocalStorage([tmp_path]))))
     assert items == [Item("a", (tmp_path / "x.jpg").as_uri()), Item("b", (tmp_path / "y.jpg").as_uri())]
+
+
+def _odd_names_tree(tmp_path: Path) -> tuple[Path, dict[bytes, bytes]]:
+    """Real files whose names are awkward in URIs: bytes that are not UTF-8, a literal '%' (alone, before hex
+    digits, and spelling the escape of a byte that is also a real name), '#', '?', a newline, and a path of 1,100
+    characters. Returns the folder and {raw path bytes: content}."""
+    root = tmp_path / "odd"
+    root.mkdir()
+    raw_root = os.fsencode(root)
+    names = [b"bad\xff\xfe.png", b"latin1-caf\xe9.jpg", b"100%.png", b"a%41.png", b"b%FF.png", b"b%25FF.png",
+             b"hash#and?query.png", b"new\nline.png", "ünïcödé 商品.png".encode()]
+    deep = raw_root + b"/" + b"/".join([b"d" * 200] * 4)
+    os.makedirs(deep)
+    names.append(deep[len(raw_root) + 1 :] + b"/" + b"x" * (1100 - len(deep) - 1 - 4) + b".png")
+    files = {}
+    for i, name in enumerate(names):
+        path = raw_root + b"/" + name
+        with open(path, "wb") as f:
+            f.write(b"content %d" % i)
+        files[path] = b"content %d" % i
+    assert len(max(files, key=len)) == 1100
+    return root, files
+
+
+def test_local_names_of_any_bytes_and_length_round_trip_through_their_uris(tmp_path: Path) -> None:
+    root, files = _odd_names_tree(tmp_path)
+    reader = ObjectReader(LocalStorage([root]))
+    items = list(iter_source(str(root), reader))
+    assert len(items) == len(files) == len({it.uri for it in items}), "one distinct URI per file"
+    for it in items:
+        assert it.item_id == it.uri and it.uri.isascii() and it.uri.startswith("file:///")
+        raw = os.fsencode(local_path(it.uri))
+        assert raw in files, raw
+        assert reader.read(it.uri) == files[raw]
+    by_name = {os.fsencode(local_path(it.uri)).rsplit(b"/", 1)[1]: it.uri for it in items}
+    assert by_name[b"bad\xff\xfe.png"].endswith("/bad%FF%FE.png")
+    assert by_name[b"b%FF.png"].endswith("/b%25FF.png"), "a literal % is escaped: never read as a byte"
+    assert by_name[b"b%25FF.png"].endswith("/b%2525FF.png")
+    assert by_name[b"new\nline.png"].endswith("/new%0Aline.png")
+    top = [it.uri.rsplit("/", 1)[1] for it in items if it.uri.count("/") == root.as_uri().count("/") + 1]
+    assert top == sorted(top, key=lambda u: os.fsdecode(unquote_to_bytes(u))), "files in name order"
+
+
+def test_messages_about_names_that_are_not_utf8_are_storable_text(tmp_path: Path) -> None:
+    root = tmp_path / "gone"
+    root.mkdir()
+    uri = Path(os.fsdecode(os.fsencode(root) + b"/gone\xff.png")).as_uri()
+    with pytest.raises(FileNotFoundError) as info:
+        ObjectReader(LocalStorage([root])).read(uri)
+    assert str(info.value) == f"no such file: {root}/gone\\xff.png"
+    str(info.value).encode("utf-8")  # no surrogate left: a database can store it as a row's error

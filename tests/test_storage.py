@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.errors import InvsortError, SourceError
+from pipeline.errors import InvsortError, SourceError, TransientError
 from pipeline.io.sources import iter_source
 from pipeline.io.storage import (
     LocalStorage,
@@ -244,8 +244,9 @@ def test_s3_no_botocore_exception_leaks() -> None:
     )
     storage = S3Storage(dead)
     for call in (lambda: storage.read("s3://b/k.jpg"), lambda: list(storage.list("s3://b/p/"))):
-        with pytest.raises(OSError) as info:
+        with pytest.raises(TransientError) as info:  # an unreachable endpoint is not the item's fault
             call()
+        assert isinstance(info.value, OSError)
         assert not isinstance(info.value, botocore.exceptions.BotoCoreError | botocore.exceptions.ClientError)
         assert "EndpointConnectionError" in str(info.value) and "testing" not in str(info.value)
 
@@ -258,8 +259,16 @@ def test_s3_no_botocore_exception_leaks() -> None:
         ("AccessDenied", 403, PermissionError, "AccessDenied"),
         ("InvalidAccessKeyId", 403, PermissionError, "InvalidAccessKeyId"),
         ("InvalidObjectState", 403, PermissionError, "InvalidObjectState"),
-        ("SlowDown", 503, OSError, "SlowDown"),
-        ("InternalError", 500, OSError, "InternalError"),
+        ("NoSuchKey", 404, FileNotFoundError, "no such object"),
+        ("InvalidRange", 416, OSError, "InvalidRange"),
+        # transient: still failing after botocore's retries (the stubber answers once, without retrying)
+        ("SlowDown", 503, TransientError, "SlowDown"),
+        ("InternalError", 500, TransientError, "InternalError"),
+        ("ServiceUnavailable", 503, TransientError, "ServiceUnavailable"),
+        ("BadGateway", 502, TransientError, "BadGateway"),
+        ("TooManyRequests", 429, TransientError, "TooManyRequests"),
+        ("RequestTimeout", 400, TransientError, "RequestTimeout"),
+        ("Throttling", 400, TransientError, "Throttling"),
     ]
     with Stubber(stubbed) as stub:
         for code, status, exc_type, text in cases:
@@ -267,7 +276,10 @@ def test_s3_no_botocore_exception_leaks() -> None:
             with pytest.raises(exc_type, match=text) as info:
                 storage.read("s3://b/k.jpg")
             assert not isinstance(info.value, botocore.exceptions.ClientError)
-            assert type(info.value).__module__ == "builtins"
+            if exc_type is TransientError:
+                assert "retry later" in str(info.value)
+            else:  # a 4xx answer fails the item: a builtin error, never a TransientError
+                assert type(info.value).__module__ == "builtins"
         stub.add_client_error("list_objects_v2", "AccessDenied", "denied", 403)
         with pytest.raises(PermissionError, match="ListObjectsV2.*AccessDenied"):
             list(storage.list("s3://b/p/"))
@@ -279,8 +291,9 @@ def test_s3_client_defaults_region(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     storage = S3Storage(endpoint_url="http://127.0.0.1:9", timeout_s=3.5)
     assert storage.client.meta.region_name == "us-east-1"
-    assert storage.client.meta.config.read_timeout == 3.5
-    assert storage.client.meta.config.retries == {"mode": "standard", "total_max_attempts": 6}
+    config = storage.client.meta.config
+    assert (config.read_timeout, config.connect_timeout, config.max_pool_connections) == (3.5, 10.0, 32)
+    assert config.retries == {"mode": "standard", "total_max_attempts": 10}
 
 
 # ---------------------------------------------------------------------------------------- reader
@@ -324,6 +337,16 @@ def test_make_reader_from_settings(tree: tuple[Path, dict[str, bytes]], tmp_path
     with pytest.raises(TooLargeError):
         reader.read(str(big))
     assert reader._s3 is None
+
+
+def test_make_reader_gives_s3_the_retry_timeout_and_pool_settings() -> None:
+    settings = Settings(s3_endpoint_url="http://127.0.0.1:9", s3_retry_mode="adaptive", s3_max_attempts=4,
+                        fetch_timeout_s=7, s3_connect_timeout_s=2.5, s3_max_pool_connections=8)
+    s3 = make_reader(settings).s3
+    config = s3.client.meta.config
+    assert config.retries == {"mode": "adaptive", "total_max_attempts": 4} and s3.max_attempts == 4
+    assert (config.read_timeout, config.connect_timeout, config.max_pool_connections) == (7, 2.5, 8)
+    assert s3.client.meta.endpoint_url == "http://127.0.0.1:9"
 
 
 def test_reader_streams_lines_of_local_and_s3_objects_alike(

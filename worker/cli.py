@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,15 +24,60 @@ if TYPE_CHECKING:
 log = logging.getLogger("invsort")
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+def _unavailable_service(exc: BaseException) -> str | None:
+    """One line for a database or Redis broker that did not answer, else None.
+
+    Only the exception types of modules already imported are checked (an exception cannot come from a module
+    that was never imported), so nothing is imported here.
+    """
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    if sa_exc is not None and isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
+        return f"database unavailable: {_first_line(exc.orig or exc)} (check INVSORT_DATABASE_URL or --db)"
+    kinds: list[type[BaseException]] = []
+    for module, names in (("kombu.exceptions", ("OperationalError",)),
+                          ("redis.exceptions", ("ConnectionError", "TimeoutError"))):
+        found = sys.modules.get(module)
+        kinds += [getattr(found, name) for name in names if found is not None and hasattr(found, name)]
+    if kinds and isinstance(exc, tuple(kinds)):
+        return f"Redis broker unavailable: {_first_line(exc)} (check INVSORT_BROKER_URL)"
+    return None
+
+
+def _error_line(exc: Exception) -> str | None:
+    """The message a known error is shown with (``Error: ...``), None for an unexpected one (a bug)."""
+    if isinstance(exc, InvsortError | FileNotFoundError | PermissionError):
+        return str(exc)  # may be several lines on purpose: every bad setting is listed
+    service = _unavailable_service(exc)
+    if service is not None:
+        return service
+    if isinstance(exc, OSError):  # a connection refused or reset, a full disk: the environment, not a bug
+        return f"{type(exc).__name__}: {_first_line(exc)}"
+    return None
+
+
 def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Known errors become one clear line and exit status 1, never a traceback."""
+    """Known errors become one clear line and exit status 1, never a traceback: invsort's own errors, missing
+    files and refused access, OS errors, and a database or Redis broker that does not answer (an S3 endpoint
+    that does not answer is a :class:`~pipeline.errors.TransientError`). With ``-v`` the traceback is printed
+    before the line. Anything else (a bug) keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (InvsortError, FileNotFoundError, PermissionError) as exc:
-            raise click.ClickException(str(exc)) from None
+        except Exception as exc:
+            message = _error_line(exc)
+            if message is None or isinstance(exc, click.ClickException):
+                raise
+            ctx = click.get_current_context(silent=True)
+            if ctx is not None and ctx.find_root().params.get("verbose"):
+                traceback.print_exception(exc, file=sys.stderr)
+            raise click.ClickException(message) from None
 
     return wrapper
 
@@ -87,7 +133,8 @@ def _safe_url(url: str) -> str:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("-v", "--verbose", count=True,
+              help="More log output (-v info, -vv debug); with -v an error shows its traceback too.")
 def main(verbose: int) -> None:
     """invsort: sort product photos into catalogue categories with a CNN.
 
@@ -150,16 +197,26 @@ def sort(source: str, model: str | None, database_url: str | None, batch_size: i
         click.echo(f"  look: invsort results --db sqlite:///{db_file} --job {outcome.job_id}")
 
 
+WAIT_EXIT_CODES = {"done": 0, "failed": 1, "cancelled": 3}  # exit status of 'submit --wait' by final job state
+WAIT_MAX_POLL_S = 5.0  # while the database does not answer, polls back off to one every this many seconds
+
+
 @main.command()
 @click.argument("source")
 @click.option("--model", "model", default=None, help="Model file every worker can read: s3:// URI, a path on "
               "the workers, or bundled:NAME [default: INVSORT_MODEL_PATH].")
-@click.option("--wait", is_flag=True, help="Show a progress bar until the job ends.")
+@click.option("--wait", is_flag=True, help="Show a progress bar until the job ends; exit status 0 done, 1 failed, "
+              "3 cancelled.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Submit at most this many images.")
 @click.option("--items-per-task", type=int, default=None, help="Images per queued task [default: 256].")
 @_handle_errors
 def submit(source: str, model: str | None, wait: bool, limit: int | None, items_per_task: int | None) -> None:
     """Queue SOURCE for the Celery workers: create the job, list the source, enqueue image-batch tasks.
+
+    With --wait it polls the job until it ends and exits with 0 when the job is done, 1 when it failed (or
+    submitting failed), 3 when it was cancelled (2 is a usage error). A database that stops answering while it
+    waits is waited out: one line says so, and the bar goes on when it answers again (the workers carry on
+    meanwhile).
 
     \b
     Example:
@@ -167,38 +224,62 @@ def submit(source: str, model: str | None, wait: bool, limit: int | None, items_
     """
     from db.migrate import ensure_at_head
     from pipeline.sorting import submit_job
-    from worker.tasks import sort_batch_task
+    from worker.tasks import enqueue_batch
 
     settings = _settings(items_per_task=items_per_task)
     ensure_at_head(settings.database_url)
     model_spec = model or settings.model_path
 
-    def enqueue(job_id: str, batch_no: int, items: list[list[str]]) -> None:
-        sort_batch_task.apply_async(args=(job_id, batch_no, items, model_spec))
+    def enqueue(job_id: str, batch_no: int, task_id: str) -> None:
+        enqueue_batch(job_id, batch_no, task_id, model_spec)
 
     job_id, total, batches = submit_job(source, settings=settings, model_spec=model_spec, enqueue=enqueue,
                                         limit=limit)
     click.echo(f"job {job_id}: {total} images in {batches} tasks queued")
     if wait:
-        ok = _wait(job_id, settings.database_url, total)
-        sys.exit(0 if ok else 1)
+        sys.exit(_wait(job_id, settings.database_url, total))
 
 
-def _wait(job_id: str, url: str, total: int, poll_s: float = 0.5) -> bool:
+def _wait(job_id: str, url: str, total: int, poll_s: float = 0.5) -> int:
+    """Poll job ``job_id`` every ``poll_s`` seconds until it ends; print its line and return its exit status
+    (:data:`WAIT_EXIT_CODES`; 1 for any other final state).
+
+    While the database does not answer (connection refused, reset, timed out), one line on stderr says so and polls
+    back off to one every :data:`WAIT_MAX_POLL_S` seconds until it answers again; nothing else is printed.
+
+    Raises:
+        click.ClickException: the job's row is gone.
+    """
+    from sqlalchemy.exc import InterfaceError, OperationalError
+    from tqdm import tqdm
+
     from db.catalog import get_job
+    from db.models import TERMINAL_JOB_STATUSES
     from db.session import session_scope
     from pipeline.progress import progress
 
     bar = progress(total=total, desc="sorting", unit="img")
+    delay, unavailable = poll_s, False
     while True:
-        with session_scope(url) as session:
-            job = get_job(session=session, job_id=job_id)
-        assert job is not None
+        try:
+            with session_scope(url) as session:
+                job = get_job(session=session, job_id=job_id)
+        except (OperationalError, InterfaceError) as exc:
+            if not unavailable:
+                tqdm.write(f"database unavailable ({_first_line(exc.orig or exc)}); retrying until it answers, "
+                           f"job {job_id} goes on meanwhile (Ctrl-C stops waiting, not the job)", file=sys.stderr)
+            unavailable, delay = True, min(delay * 2, WAIT_MAX_POLL_S)
+            time.sleep(delay)
+            continue
+        unavailable, delay = False, poll_s
+        if job is None:
+            bar.close()
+            raise click.ClickException(f"job {job_id} is no longer in {_safe_url(url)}")
         bar.update(job.processed - bar.n)
-        if job.status in ("done", "failed"):
+        if job.status in WAIT_EXIT_CODES or job.status in TERMINAL_JOB_STATUSES:
             bar.close()
             click.echo(_job_line(job))
-            return job.status == "done"
+            return WAIT_EXIT_CODES.get(job.status, 1)
         time.sleep(poll_s)
 
 
@@ -761,6 +842,50 @@ def evaluate(model: str, data_dir: str, out_dir: str, batch_size: int, device: s
         click.echo(f"open set ({o['method']}): AUROC {o['auroc']:.4f}  FPR at 95% TPR {o['fpr_at_95_tpr']:.4f}  "
                    f"{o['ood_auto_sorted']} of {o['n_ood']} OOD photos auto-sorted")
     click.echo(f"report: {Path(out_dir) / 'report.md'} (and report.json, *.png)")
+
+
+@main.group()
+def jobs() -> None:
+    """Cancel or retry queued jobs (see also 'invsort status')."""
+
+
+@jobs.command("cancel")
+@click.argument("job_id")
+@click.option("--db", "database_url", default=None, help="Catalog database URL.")
+@_handle_errors
+def jobs_cancel(job_id: str, database_url: str | None) -> None:
+    """Cancel JOB_ID: its queued batches are skipped; a batch a worker is running finishes and keeps its rows.
+
+    \b
+    Example:
+      invsort jobs cancel 3f1c...e9
+    """
+    from pipeline.jobs import cancel
+
+    settings = _settings(database_url=database_url)
+    if cancel(settings, job_id):
+        click.echo(f"job {job_id} cancelled")
+    else:
+        click.echo(f"job {job_id} had already ended: nothing to cancel")
+
+
+@jobs.command("retry")
+@click.argument("job_id")
+@click.option("--db", "database_url", default=None, help="Catalog database URL.")
+@_handle_errors
+def jobs_retry(job_id: str, database_url: str | None) -> None:
+    """Queue JOB_ID's failed, cancelled and lost batches again (a job that has ended, queued by 'submit').
+
+    \b
+    Example:
+      invsort jobs retry 3f1c...e9 && invsort status 3f1c...e9
+    """
+    from pipeline.jobs import retry
+    from worker.tasks import enqueue_batch
+
+    settings = _settings(database_url=database_url)
+    n = retry(settings, job_id, enqueue_batch)
+    click.echo(f"job {job_id}: {n} batch(es) queued again" if n else f"job {job_id}: nothing to retry")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -30,6 +30,7 @@ from pipeline.settings import check_device
 log = logging.getLogger(__name__)
 
 TOP_K = 5
+NON_FINITE = "the model gave NaN or infinite outputs for this image"
 GPU_DECODE_MODES = ("auto", "on", "off")
 
 
@@ -357,15 +358,22 @@ class Predictor:
         ``probs`` is :meth:`predict_scored`'s output (or plain probabilities). A row is ``sorted`` when its
         confidence reaches the review threshold and the open-set score does not call it unknown; otherwise
         ``needs_review``, with ``error`` = ``unknown`` (:data:`pipeline.models.openset.UNKNOWN`) when the open-set
-        score rejected it, so such a row is never auto-sorted whatever its confidence.
+        score rejected it, so such a row is never auto-sorted whatever its confidence. A row whose probabilities
+        are not all finite (e.g. an fp16 overflow on one image) is ``failed`` with :data:`NON_FINITE` as its
+        ``error``: NaN is no confidence, and JSON cannot store it.
         """
         unknown = self.unknown(probs)
+        finite = torch.isfinite(probs[:, : len(self.class_names)]).all(dim=1).tolist()
         top_p, top_i = probs[:, : len(self.class_names)].topk(self.k, dim=1)
         top_p_l, top_i_l = top_p.tolist(), top_i.tolist()
         names = self.class_names
         mf = self.model_file
         out = []
-        for item, ps, ix, unk in zip(items, top_p_l, top_i_l, unknown, strict=True):
+        for item, ps, ix, unk, ok in zip(items, top_p_l, top_i_l, unknown, finite, strict=True):
+            if not ok:
+                out.append(ItemResult(item_id=item.item_id, image_uri=item.uri, status="failed", error=NON_FINITE,
+                                      model_name=mf.name, model_version=mf.version, job_id=job_id))
+                continue
             conf = ps[0]
             out.append(
                 ItemResult(

@@ -3,7 +3,8 @@
 The pipeline streams: items are pulled from an iterator one batch at a time, at most ``prefetch_batches``
 batches are being fetched/decoded ahead of the one in the model, and results leave through a callback per
 batch. Memory is bounded by ``(prefetch_batches + 1 + inflight_batches) x batch_size`` decoded images whatever
-the job's size.
+the job's size; while they decode, the threads' full-size pixels are bounded together by ``decode_memory_bytes``
+(each image's need read from its header, and an image over ``max_pixels`` refused before it is decoded).
 
 On the CPU a batch is decoded by OpenCV in the threads, stacked and run through the model, one at a time. On a
 CUDA GPU (:class:`_BatchRunner`):
@@ -33,10 +34,16 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from pipeline.errors import ConfigError, ImageError
+from pipeline.errors import ConfigError, ImageError, TransientError
 from pipeline.inference.predictor import Predictor
-from pipeline.io.images import batch_decodable_jpeg, decode_image, decode_jpeg_batch
-from pipeline.records import Item, ItemResult
+from pipeline.io.images import (
+    DEFAULT_DECODE_MEMORY_BYTES,
+    DecodeBudget,
+    batch_decodable_jpeg,
+    decode_image,
+    decode_jpeg_batch,
+)
+from pipeline.records import Item, ItemResult, printable
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +71,13 @@ def failed_result(item: Item, reason: str, predictor: Predictor, job_id: str | N
 
 
 def describe_error(exc: BaseException) -> str:
-    """The reason stored on a ``failed`` row: what went wrong, never a traceback."""
+    """The reason stored on a ``failed`` row: what went wrong, never a traceback; text a database can store
+    (:func:`pipeline.records.printable`: a non-UTF-8 byte of a file name shows as ``\\xNN``)."""
     if isinstance(exc, ImageError):
-        return str(exc)
+        return printable(str(exc))
     if isinstance(exc, FileNotFoundError | PermissionError):
-        return str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {exc}"[:500]
+        return printable(str(exc) or type(exc).__name__)
+    return printable(f"{type(exc).__name__}: {exc}"[:500])
 
 
 @dataclass
@@ -120,6 +128,33 @@ def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
         yield chunk
 
 
+def _checked_options(
+    predictor: Predictor,
+    batch_size: int,
+    decode_threads: int,
+    prefetch_batches: int,
+    decode_backend: str | None,
+    inflight_batches: int | None,
+    decode_memory_bytes: int,
+) -> tuple[str, int]:
+    """:func:`run_pipeline`'s ``(decode backend, inflight depth)``, its options checked.
+
+    Raises:
+        ConfigError: a bad size, count, memory budget or decode backend.
+    """
+    if batch_size < 1 or decode_threads < 1 or prefetch_batches < 0:
+        raise ConfigError("batch_size and decode_threads must be >= 1, prefetch_batches >= 0")
+    backend = predictor.decode_backend if decode_backend is None else decode_backend
+    if backend not in DECODE_BACKENDS:
+        raise ConfigError(f"unknown decode backend {backend!r}; valid: {', '.join(DECODE_BACKENDS)}")
+    depth = inflight_batches if inflight_batches is not None else CUDA_INFLIGHT_BATCHES if predictor.is_cuda else 1
+    if depth < 1:
+        raise ConfigError(f"inflight_batches must be >= 1, got {depth}")
+    if decode_memory_bytes < 1:
+        raise ConfigError(f"decode_memory_bytes must be >= 1, got {decode_memory_bytes}")
+    return backend, depth
+
+
 def run_pipeline(
     items: Iterable[Item],
     *,
@@ -133,6 +168,7 @@ def run_pipeline(
     job_id: str | None = None,
     decode_backend: str | None = None,
     inflight_batches: int | None = None,
+    decode_memory_bytes: int = DEFAULT_DECODE_MEMORY_BYTES,
 ) -> Summary:
     """Sort ``items``: fetch + decode (thread pool) → batched forward pass → ``on_batch(rows)``.
 
@@ -152,23 +188,23 @@ def run_pipeline(
             in this thread, so it is slower there than ``opencv``.
         inflight_batches: batches queued on the device before the oldest one's rows are read. None: 2 on CUDA
             (one computes while the next is decoded and copied), 1 elsewhere (nothing runs asynchronously).
+        max_pixels: images whose header declares more pixels fail before anything is decoded.
+        decode_memory_bytes: the decoded pixels (bytes) that this call's decode threads may hold together
+            (:class:`pipeline.io.images.DecodeBudget`, each image's estimate read from its header); an image
+            that needs more waits for the others and decodes alone.
 
     Returns:
         A :class:`Summary`.
 
     Raises:
-        ConfigError: a bad size, count or decode backend.
+        ConfigError: a bad size, count, memory budget or decode backend.
+        TransientError: from ``reader.read`` (storage unavailable after its retries); its batch gets no rows.
         Whatever the ``items`` iterator or ``on_batch`` raises, after every batch pulled before the error
         has gone through ``on_batch`` (nothing already read is lost).
     """
-    if batch_size < 1 or decode_threads < 1 or prefetch_batches < 0:
-        raise ConfigError("batch_size and decode_threads must be >= 1, prefetch_batches >= 0")
-    backend = predictor.decode_backend if decode_backend is None else decode_backend
-    if backend not in DECODE_BACKENDS:
-        raise ConfigError(f"unknown decode backend {backend!r}; valid: {', '.join(DECODE_BACKENDS)}")
-    depth = inflight_batches if inflight_batches is not None else CUDA_INFLIGHT_BATCHES if predictor.is_cuda else 1
-    if depth < 1:
-        raise ConfigError(f"inflight_batches must be >= 1, got {depth}")
+    backend, depth = _checked_options(predictor, batch_size, decode_threads, prefetch_batches, decode_backend,
+                                      inflight_batches, decode_memory_bytes)
+    budget = DecodeBudget(decode_memory_bytes)
     size, chans = predictor.input_size, predictor.model_file.in_chans
     gpu_jpegs = backend == "torchvision"
 
@@ -177,7 +213,9 @@ def run_pipeline(
             data = reader.read(item.uri)
             if gpu_jpegs and batch_decodable_jpeg(data, max_pixels=max_pixels):
                 return _Jpeg(data)
-            return decode_image(data, size=size, in_chans=chans, max_pixels=max_pixels)
+            return decode_image(data, size=size, in_chans=chans, max_pixels=max_pixels, budget=budget)
+        except TransientError:  # the storage, not the image: the job or task is retried, no item fails
+            raise
         except Exception as exc:  # one bad image fails alone, with its reason
             return describe_error(exc)
 
@@ -187,7 +225,7 @@ def run_pipeline(
     pending: deque[tuple[list[Item], list[Future]]] = deque()
     launched: deque[_Launched] = deque()
     source_error: BaseException | None = None
-    runner = _BatchRunner(predictor, batch_size=batch_size, depth=depth, max_pixels=max_pixels)
+    runner = _BatchRunner(predictor, batch_size=batch_size, depth=depth, max_pixels=max_pixels, budget=budget)
 
     def emit(batch: _Launched) -> None:
         rows = runner.finish(batch, job_id)
@@ -281,9 +319,12 @@ class _BatchRunner:
     oldest, so a slot is never refilled while its batch is still being copied or computed.
     """
 
-    def __init__(self, predictor: Predictor, *, batch_size: int, depth: int, max_pixels: int):
+    def __init__(
+        self, predictor: Predictor, *, batch_size: int, depth: int, max_pixels: int, budget: DecodeBudget | None
+    ):
         self.predictor = predictor
         self.max_pixels = max_pixels
+        self.budget = budget
         self.slots: list[_Slot] = []
         self.turn = 0
         if predictor.is_cuda:
@@ -349,7 +390,7 @@ class _BatchRunner:
             i, jpeg = jpegs[k]
             try:
                 img = decode_image(jpeg.data, size=p.input_size, in_chans=p.model_file.in_chans,
-                                   max_pixels=self.max_pixels)
+                                   max_pixels=self.max_pixels, budget=self.budget)
             except Exception as exc:
                 reasons[i] = describe_error(exc)
                 continue

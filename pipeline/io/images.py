@@ -4,6 +4,11 @@ One path for every source: encoded bytes → ``cv2.imdecode`` → RGB (or graysc
 input size → uint8 ``(H, W, C)``. Batches are stacked and normalised in one tensor operation by
 :func:`to_model_input`, so no per-image float work is done in Python.
 
+Decompression bombs: before anything is decoded, :func:`check_image_header` reads the dimensions from the file's
+header (:mod:`pipeline.io.headers`; formats it does not parse by Pillow's lazy ``Image.open``) and refuses an image
+over the pixel limit, so no pixel buffer is ever made for it. A :class:`DecodeBudget` shared by decode threads bounds
+the decoded pixels they hold together (each image's estimate from its header).
+
 A second decoder serves the GPU path: :func:`batch_decodable_jpeg` picks the JPEGs that torchvision's batched
 decoder (nvJPEG on CUDA) can take, and :func:`decode_jpeg_batch` decodes them on the device and resizes them there
 by the same rule (:func:`resize_on_device`, within a level or two of OpenCV, not bit-exact). nvJPEG's pixels
@@ -16,9 +21,13 @@ from __future__ import annotations
 import functools
 import io
 import os
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
-# OpenCV's own guard against decompression bombs; read once when cv2 is imported.
+# OpenCV's own guard against decompression bombs, a backstop only: it is read once, so it has no effect when cv2
+# was imported first. The guard that counts is check_image_header, before any pixel buffer exists.
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(2**28))
 
 import cv2  # noqa: E402
@@ -26,13 +35,107 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.errors import ImageError  # noqa: E402
+from pipeline.io.headers import ImageHeader, decode_bytes, parse_header  # noqa: E402
 
 cv2.setNumThreads(1)  # decode threads run in our own pool; OpenCV's pool would oversubscribe the cores
 
 MIN_SIDE_PX = 8
+DEFAULT_DECODE_MEMORY_BYTES = 1 << 30  # INVSORT_DECODE_MEMORY_BYTES' default (pipeline/settings.py says the same)
 _JPEG_SOI = b"\xff\xd8"
 _EXIF_ORIENTATION = 0x0112  # the EXIF tag
 _TOO_LARGE = "image dimensions too large"
+_COMPOSITE_CHUNK_PX = 1 << 16  # pixels composited at a time: bounds the float32 temporaries to ~3 MB
+_PILLOW_HEADERS = threading.Lock()  # catch_warnings swaps process-wide state: one Pillow header read at a time
+
+
+def check_image_header(data: bytes, *, max_pixels: int = 100_000_000) -> ImageHeader:
+    """Read an image's dimensions from its header and refuse it before any pixel buffer exists.
+
+    JPEG, PNG, WebP, BMP, TIFF, Netpbm and Radiance headers are parsed by :func:`pipeline.io.headers.parse_header`
+    (microseconds; a PNG's chunk lengths are checked against the file too); other formats by Pillow, which reads
+    only the header (:func:`PIL.Image.open` is lazy).
+
+    Args:
+        data: the encoded file.
+        max_pixels: images whose declared width x height exceeds this are refused.
+
+    Returns:
+        The :class:`ImageHeader`.
+
+    Raises:
+        ImageError: empty; no readable header (``not an image ...``); a PNG chunk longer than the file
+            (``truncated or corrupt PNG ...``); ``image dimensions too large: WxH px exceeds N pixels``; ``image
+            too small: WxH px, ...`` (under 8 px a side). The messages are the ones :func:`decode_image` gives.
+    """
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    header = parse_header(data) or _pillow_header(data)
+    _check_dimensions(header.height, header.width, max_pixels)
+    return header
+
+
+def _pillow_header(data: bytes) -> ImageHeader:
+    """Another format's header, read by Pillow (lazily: no pixel is decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with _PILLOW_HEADERS, warnings.catch_warnings():
+            # our limit, not Pillow's, decides; Pillow's DecompressionBombError (above twice its own) still stands
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                (width, height), mode, bands, fmt = im.size, im.mode, len(im.getbands()), im.format
+    except UnidentifiedImageError:
+        raise ImageError(f"not an image (unrecognised format, {len(data)} bytes starting {data[:8]!r})") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{_TOO_LARGE}: {exc}"[:300]) from None
+    except Exception as exc:
+        raise ImageError(f"not a decodable image: {exc}"[:300]) from None
+    sample = 4 if mode in ("I", "F") or mode.startswith("I;32") else 2 if "16" in mode else 1
+    return ImageHeader(fmt or "unknown", width, height, decode_bytes(width * height, max(bands, 3), sample))
+
+
+class DecodeBudget:
+    """A byte semaphore for decode threads: each holds the bytes its image needs (:attr:`ImageHeader.decode_bytes`)
+    while it decodes, so that together they never hold more than ``total_bytes``.
+
+    First come, first served (a large image is not overtaken forever by small ones). An image that needs more than
+    ``total_bytes`` waits until nothing else is held and then decodes alone (the pixel limit bounds it).
+    Thread-safe; one budget may be shared by any number of threads.
+    """
+
+    def __init__(self, total_bytes: int) -> None:
+        """Raises ValueError: ``total_bytes`` < 1."""
+        if total_bytes < 1:
+            raise ValueError(f"a decode budget needs at least 1 byte, got {total_bytes}")
+        self.total_bytes = total_bytes
+        self._held = 0
+        self._next_ticket = 0
+        self._serving = 0
+        self._cond = threading.Condition()
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes held now."""
+        with self._cond:
+            return self._held
+
+    @contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        """Hold ``min(nbytes, total_bytes)`` bytes for the ``with`` block, waiting first until they are free."""
+        nbytes = min(max(nbytes, 0), self.total_bytes)
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._cond.wait_for(lambda: self._serving == ticket and self._held + nbytes <= self.total_bytes)
+            self._held += nbytes
+            self._serving += 1
+            self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held -= nbytes
+                self._cond.notify_all()
 
 
 def _why_undecodable(data: bytes) -> str:
@@ -57,15 +160,25 @@ def _why_undecodable(data: bytes) -> str:
 
 
 def decode_image(
-    data: bytes, *, size: tuple[int, int], in_chans: int = 3, max_pixels: int = 100_000_000
+    data: bytes,
+    *,
+    size: tuple[int, int],
+    in_chans: int = 3,
+    max_pixels: int = 100_000_000,
+    budget: DecodeBudget | None = None,
 ) -> np.ndarray:
     """Decode encoded image bytes and resize them for a model.
+
+    The dimensions are read from the header first (:func:`check_image_header`): an image over ``max_pixels`` is
+    refused before any pixel buffer exists.
 
     Args:
         data: the encoded file (JPEG, PNG, WebP, BMP, TIFF).
         size: ``(H, W)`` of the output in pixels.
         in_chans: 3 for RGB output, 1 for grayscale.
-        max_pixels: images whose decoded width x height exceeds this fail.
+        max_pixels: images whose declared (or decoded) width x height exceeds this fail.
+        budget: when given, the decode holds :attr:`ImageHeader.decode_bytes` of it (waiting until they are free),
+            so that the threads sharing it never hold more decoded pixels together than it allows.
 
     Returns:
         ``(H, W, in_chans)`` uint8, RGB channel order. Transparent pixels are composited onto white
@@ -77,13 +190,20 @@ def decode_image(
     """
     if not data:
         raise ImageError("empty file (0 bytes)")
-    buf = np.frombuffer(data, dtype=np.uint8)
     is_jpeg = data[:2] == _JPEG_SOI
     if is_jpeg:
         _check_jpeg_end(data)
+    header = check_image_header(data, max_pixels=max_pixels)
+    with budget.hold(header.decode_bytes) if budget is not None else nullcontext():
+        return _decode_checked(data, size, in_chans, max_pixels, is_jpeg)
+
+
+def _decode_checked(data: bytes, size: tuple[int, int], in_chans: int, max_pixels: int, is_jpeg: bool) -> np.ndarray:
+    """:func:`decode_image` once the header has been checked."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    flag = cv2.IMREAD_UNCHANGED
+    if is_jpeg:
         flag = cv2.IMREAD_COLOR if in_chans == 3 else cv2.IMREAD_GRAYSCALE
-    else:
-        flag = cv2.IMREAD_UNCHANGED
     try:
         img = cv2.imdecode(buf, flag)
     except cv2.error as exc:
@@ -97,9 +217,10 @@ def decode_image(
     _check_dimensions(h, w, max_pixels)
     if not is_jpeg:
         img = _to_8bit_rgb_or_gray(img, in_chans)
-    elif in_chans == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     img = resize_for_model(img, size)
+    if is_jpeg and in_chans == 3:
+        # after the resize: a channel swap commutes with it exactly, and runs on the small image
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     if img.ndim == 2:
         img = img[:, :, None]
     return img
@@ -132,19 +253,48 @@ def resize_for_model(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def _to_8bit_rgb_or_gray(img: np.ndarray, in_chans: int) -> np.ndarray:
     if img.dtype == np.uint16:
-        img = (img >> 8).astype(np.uint8)
+        img >>= 8  # in place: imdecode's own buffer
+        img = img.astype(np.uint8)
     elif img.dtype != np.uint8:
+        if img.dtype.kind == "f" and not np.isfinite(img).all():
+            img = _finite(img)
         img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)  # type: ignore[call-overload]  # stubs lack dst=None
     if img.ndim == 2:
         return img if in_chans == 1 else cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
     channels = img.shape[2]
     if channels == 4:
-        alpha = img[:, :, 3:4].astype(np.float32) / 255.0
-        img = (img[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+        img = _composite_on_white(img)
     elif channels == 1:
         img = img[:, :, 0]
         return img if in_chans == 1 else cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
     return cv2.cvtColor(img, cv2.COLOR_BGR2GRAY if in_chans == 1 else cv2.COLOR_BGR2RGB)
+
+
+def _finite(img: np.ndarray) -> np.ndarray:
+    """A float image's NaN and infinite pixels set to its finite range's ends (NaN and -inf to the lowest, +inf to
+    the highest), so that scaling to 8 bits keeps the other pixels.
+
+    Raises:
+        ImageError: no pixel is finite.
+    """
+    finite = img[np.isfinite(img)]
+    if not finite.size:
+        raise ImageError(f"float image with no finite pixel value ({img.shape[1]}x{img.shape[0]} px)")
+    low, high = finite.min(), finite.max()
+    return np.nan_to_num(img, nan=low, posinf=high, neginf=low)
+
+
+def _composite_on_white(img: np.ndarray) -> np.ndarray:
+    """``(h, w, 4)`` uint8 BGRA -> ``(h, w, 3)`` uint8 BGR on white, in row chunks of about
+    :data:`_COMPOSITE_CHUNK_PX` pixels (the same float32 arithmetic, so the same pixels, as in one go)."""
+    h, w = img.shape[:2]
+    out = np.empty((h, w, 3), np.uint8)
+    step = max(1, _COMPOSITE_CHUNK_PX // max(1, w))
+    for top in range(0, h, step):
+        part = img[top : top + step]
+        alpha = part[:, :, 3:4].astype(np.float32) / 255.0
+        out[top : top + step] = (part[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    return out
 
 
 def to_model_input(
@@ -174,23 +324,21 @@ def batch_decodable_jpeg(data: bytes, *, max_pixels: int = 100_000_000) -> bool:
 
     Raises:
         ImageError: a JPEG that :func:`decode_image` would refuse for the same reason, with the same message:
-            truncated, too small (< 8 px a side) or more than ``max_pixels`` pixels.
+            truncated, no readable header, too small (< 8 px a side) or more than ``max_pixels`` pixels (read
+            from the header by :func:`check_image_header`, as :func:`decode_image` reads it).
     """
     from PIL import Image
 
     if data[:2] != _JPEG_SOI:
         return False
     _check_jpeg_end(data)
+    check_image_header(data, max_pixels=max_pixels)
     try:
         with Image.open(io.BytesIO(data), formats=["JPEG"]) as im:
-            (w, h), mode, orientation = im.size, im.mode, im.getexif().get(_EXIF_ORIENTATION, 1)
-    except Exception:  # unreadable headers, a decompression bomb: decode_image says why
+            mode, orientation = im.mode, im.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # headers Pillow cannot read: decode_image decodes the file or says why not
         return False
-    if mode not in ("RGB", "L") or orientation != 1:
-        return False
-    _check_dimensions(h, w, max_pixels)
-    return True
-
+    return mode in ("RGB", "L") and orientation == 1
 
 
 def decode_jpeg_batch(

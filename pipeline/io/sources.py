@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import posixpath
+import re
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
@@ -24,6 +25,7 @@ from pipeline.records import Item
 __all__ = ["MANIFEST_SUFFIXES", "iter_manifest", "iter_source"]
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a JSON "\\ud800" escape alone: no character, not storable
 _VALID_SOURCES = (
     "a local directory, file://DIR, s3://bucket/prefix, or a .csv/.jsonl manifest (local path or s3:// URI)"
 )
@@ -106,7 +108,8 @@ def iter_manifest(manifest_uri: str, reader: ObjectReader) -> Iterator[Item]:
 
     Raises:
         SourceError: (naming the manifest and line) a missing header column, a row without ``item_id`` or
-            ``image_uri`` or with an empty one, bad JSON, invalid UTF-8, an ``image_uri`` with an
+            ``image_uri`` or with an empty one, bad JSON (nested too deeply or an integer too long included),
+            invalid UTF-8 or a JSON escape of an unpaired surrogate (``"\\ud800"``), an ``image_uri`` with an
             unsupported scheme, a duplicate ``item_id`` (both line numbers); or a suffix that is not a
             manifest's.
         PermissionError, FileNotFoundError, OSError: opening/reading the manifest (see the storages).
@@ -174,6 +177,10 @@ def _jsonl_rows(lines: Iterator[str], name: str) -> Iterator[tuple[int, Any, Any
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             raise SourceError(f"manifest {name}, line {lineno}: bad JSON: {exc.msg}") from None
+        except RecursionError:
+            raise SourceError(f"manifest {name}, line {lineno}: bad JSON: nested too deeply") from None
+        except ValueError as exc:  # e.g. an integer of more digits than Python converts
+            raise SourceError(f"manifest {name}, line {lineno}: bad JSON: {exc}"[:500]) from None
         if not isinstance(obj, dict):
             raise SourceError(
                 f"manifest {name}, line {lineno}: expected a JSON object with item_id and image_uri, "
@@ -197,6 +204,9 @@ def _manifest_items(
                 raise SourceError(f"{where}: {field} must be a string, got {type(value).__name__}")
             if not value.strip():
                 raise SourceError(f"{where}: empty {field}")
+            if (bad := _SURROGATE.search(value)) is not None:
+                raise SourceError(f"{where}: {field} is not valid Unicode: it has an unpaired surrogate "
+                                  f"(\\u{ord(bad.group()):04x}), which no catalog can store")
         item_id, image_uri = raw_id.strip(), raw_uri.strip()
         if item_id in seen:
             raise SourceError(f"{where}: duplicate item_id {item_id!r} (first on line {seen[item_id]})")
@@ -248,4 +258,7 @@ def _resolve_s3_relative(rel: str, *, bucket: str, base: str) -> str:
             parts.pop()
             continue
         parts.append(part)
-    return f"s3://{bucket}/{'/'.join(parts)}"
+    key = "/".join(parts)
+    if not key.strip("/"):
+        raise SourceError(f"image_uri {rel!r} names the top of bucket {bucket!r}, not an object")
+    return f"s3://{bucket}/{key}"

@@ -1,9 +1,11 @@
 """Where image bytes come from: local files under configured roots, and S3 objects.
 
 URIs
-    Local files are ``file:///abs/path`` URIs as written by :meth:`pathlib.Path.as_uri` (percent-encoded;
-    read back with :func:`local_path`). S3 objects are ``s3://bucket/key`` with the key raw, not
-    percent-encoded, as the AWS CLI writes them (a key may contain spaces, ``?``, ``#`` or ``%``).
+    Local files are ``file:///abs/path`` URIs as written by :meth:`pathlib.Path.as_uri`: the path's raw bytes
+    percent-encoded (a name that is not UTF-8 included, e.g. byte 0xFF as ``%FF``; a literal ``%`` as ``%25``, so
+    every URI names one path), read back to the same bytes by :func:`local_path`. S3 objects are
+    ``s3://bucket/key`` with the key raw, not percent-encoded, as the AWS CLI writes them (a key may contain
+    spaces, ``?``, ``#`` or ``%``).
 
 Storages
     :class:`LocalStorage` and :class:`S3Storage` read, list and stream the lines of objects;
@@ -12,12 +14,20 @@ Storages
     (directories, prefixes, manifests) are listed through an :class:`ObjectReader` by :mod:`pipeline.io.sources`.
 
 Errors raised here are builtin ``OSError`` subclasses (``FileNotFoundError``, ``PermissionError``,
-``OSError``), :class:`~pipeline.errors.SourceError`, or :class:`TooLargeError`; no botocore exception
-type leaves this module.
+``OSError``), :class:`~pipeline.errors.SourceError`, :class:`TooLargeError`, or
+:class:`~pipeline.errors.TransientError`; no botocore exception type leaves this module.
+
+S3 retries
+    Transient S3 failures (5xx answers, throttling such as ``SlowDown``, connect and read timeouts, connection
+    resets) are retried with backoff by botocore's retry mode (``standard`` or ``adaptive``,
+    ``INVSORT_S3_MAX_ATTEMPTS`` attempts), and a body that breaks off mid-read is asked for again; when they
+    still fail, :class:`~pipeline.errors.TransientError` is raised, which the pipeline lets through (the job or
+    task is retried, no item fails). Only 4xx answers (``NoSuchKey``, ``AccessDenied``...) fail an item.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import stat
@@ -28,7 +38,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote_to_bytes
 
-from pipeline.errors import ConfigError, ImageError, SourceError
+from pipeline.errors import ConfigError, ImageError, SourceError, TransientError
+from pipeline.records import printable
 
 if TYPE_CHECKING:
     from pipeline.settings import Settings
@@ -46,6 +57,8 @@ __all__ = [
     "parse_s3_uri",
     "uri_scheme",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
@@ -73,6 +86,12 @@ def uri_scheme(uri: str) -> str | None:
     if uri[:6].lower() == "file:/":
         return "file"
     return None
+
+
+def _shown(path: str | os.PathLike[str]) -> str:
+    """A path as error messages show it: a byte of a name that is not UTF-8 as ``\\xNN`` (storable text; the
+    item's URI is the lossless form)."""
+    return printable(os.fspath(path))
 
 
 def _unsupported_scheme(uri: str, scheme: str) -> SourceError:
@@ -148,13 +167,16 @@ class LocalStorage:
         Raises:
             PermissionError: it is outside every root (the message names the path, the roots and the
                 setting ``INVSORT_LOCAL_ROOTS``).
+            SourceError: the path has a NUL byte (a ``%00`` in a URI): no file can have that name.
         """
         path = os.fspath(path)
+        if "\x00" in path:
+            raise SourceError(f"local path {_shown(path)} has a NUL byte: no file can have that name")
         real = os.path.realpath(path)
         for root in self.roots:
             if os.path.commonpath([real, root]) == root:
                 return real
-        shown = path if real == path else f"{path} (resolves to {real})"
+        shown = _shown(path) if real == path else f"{_shown(path)} (resolves to {_shown(real)})"
         if not self.roots:
             raise PermissionError(
                 f"local file access refused for {shown}: no local roots are configured; "
@@ -162,7 +184,7 @@ class LocalStorage:
             )
         raise PermissionError(
             f"local file access refused for {shown}: it is outside the local roots "
-            f"({', '.join(self.roots)}); add its directory to {ROOTS_SETTING}"
+            f"({_shown(', '.join(self.roots))}); add its directory to {ROOTS_SETTING}"
         )
 
     def read(self, uri: str) -> bytes:
@@ -173,28 +195,28 @@ class LocalStorage:
             FileNotFoundError: ``no such file: PATH``.
             IsADirectoryError: the path is a directory.
             TooLargeError: the file is larger than ``max_bytes`` (checked with stat before reading).
-            SourceError: ``uri`` is not a local URI.
+            SourceError: ``uri`` is not a local URI, or its path has a NUL byte.
         """
         path = local_path(uri)
         real = self.check(path)
         try:
             st = os.stat(real)
         except FileNotFoundError:
-            raise FileNotFoundError(f"no such file: {path}") from None
+            raise FileNotFoundError(f"no such file: {_shown(path)}") from None
         if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(f"is a directory, not a file: {path}")
+            raise IsADirectoryError(f"is a directory, not a file: {_shown(path)}")
         if st.st_size > self.max_bytes:
             raise TooLargeError(
-                f"file is {st.st_size} bytes, more than the limit of {self.max_bytes}: {path}"
+                f"file is {st.st_size} bytes, more than the limit of {self.max_bytes}: {_shown(path)}"
             )
         try:
             fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except FileNotFoundError:
-            raise FileNotFoundError(f"no such file: {path}") from None
+            raise FileNotFoundError(f"no such file: {_shown(path)}") from None
         with open(fd, "rb") as f:
             data = f.read(self.max_bytes + 1)
         if len(data) > self.max_bytes:  # grew after the stat
-            raise TooLargeError(f"file is more than the limit of {self.max_bytes} bytes: {path}")
+            raise TooLargeError(f"file is more than the limit of {self.max_bytes} bytes: {_shown(path)}")
         return data
 
     def kind(self, uri: str) -> Literal["directory", "file"] | None:
@@ -203,7 +225,7 @@ class LocalStorage:
 
         Raises:
             PermissionError: outside the roots.
-            SourceError: ``uri`` is not a local URI.
+            SourceError: ``uri`` is not a local URI, or its path has a NUL byte.
         """
         real = self.check(local_path(uri))
         if not os.path.exists(real):
@@ -230,9 +252,9 @@ class LocalStorage:
         try:
             f = open(real, "rb")  # noqa: SIM115 (closed below, when the generator ends)
         except FileNotFoundError:
-            raise FileNotFoundError(f"no such file: {path}") from None
+            raise FileNotFoundError(f"no such file: {_shown(path)}") from None
         except IsADirectoryError:
-            raise IsADirectoryError(f"is a directory, not a file: {path}") from None
+            raise IsADirectoryError(f"is a directory, not a file: {_shown(path)}") from None
         with f:
             yield from _split_lines(iter(partial(f.read, 64 * 1024), b""))
 
@@ -256,9 +278,9 @@ class LocalStorage:
         top = local_path(prefix_uri)
         real = self.check(top)
         if not os.path.exists(real):
-            raise FileNotFoundError(f"no such directory: {top}")
+            raise FileNotFoundError(f"no such directory: {_shown(top)}")
         if not os.path.isdir(real):
-            raise SourceError(f"not a directory: {top}")
+            raise SourceError(f"not a directory: {_shown(top)}")
         return self._walk(str(top))
 
     @staticmethod
@@ -291,16 +313,58 @@ _DENIED_CODES = frozenset(
 )
 
 
+# Answers that say "not now" rather than "no": botocore's standard mode retries them too (RequestTimeout is a 400).
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "PriorRequestNotComplete",
+        "ServiceUnavailable",
+        "InternalError",
+    }
+)
+_TRANSIENT_HINT = "the S3 endpoint is unreachable, overloaded or slow; retry later"
+
+
+def _is_transient_answer(code: str, status: object) -> bool:
+    return code in _TRANSIENT_CODES or (isinstance(status, int) and (status >= 500 or status == 429))
+
+
 def _translate(exc: Exception, uri: str, op: str) -> Exception:
-    """The builtin/invsort exception for a botocore exception ``exc`` raised by ``op`` on ``uri``."""
-    from botocore.exceptions import ClientError, NoCredentialsError, ParamValidationError
+    """The builtin/invsort exception for a botocore exception ``exc`` raised by ``op`` on ``uri``.
+
+    Transient failures (5xx, throttling, timeouts, connection errors, a body that broke off) become
+    :class:`~pipeline.errors.TransientError`; 4xx answers become ``FileNotFoundError`` (404, ``NoSuchKey``,
+    ``NoSuchBucket``), ``PermissionError`` (403) or ``OSError``.
+    """
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionError,
+        HTTPClientError,
+        IncompleteReadError,
+        NoCredentialsError,
+        ParamValidationError,
+    )
 
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {}) or {}
         code = str(err.get("Code", "") or "")
-        status = (exc.response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode")
+        meta = exc.response.get("ResponseMetadata", {}) or {}
+        status = meta.get("HTTPStatusCode")
         message = str(err.get("Message", "") or "").strip()
         detail = f"{code or 'error'} (HTTP {status})" + (f": {message}" if message else "")
+        if _is_transient_answer(code, status):
+            attempts = int(meta.get("RetryAttempts", 0) or 0) + 1
+            return TransientError(f"S3 {op} on {uri} failed {attempts} time(s): {detail}; {_TRANSIENT_HINT}")
         if code == "NoSuchBucket":
             bucket = err.get("BucketName") or _bucket_of(uri)
             return FileNotFoundError(f"no such bucket: {bucket} (reading {uri})")
@@ -316,6 +380,8 @@ def _translate(exc: Exception, uri: str, op: str) -> Exception:
         )
     if isinstance(exc, ParamValidationError):
         return SourceError(f"invalid S3 request for {uri}: {exc}")
+    if isinstance(exc, ConnectionError | HTTPClientError | IncompleteReadError):  # timeouts and resets included
+        return TransientError(f"S3 {op} on {uri} failed: {type(exc).__name__}: {exc}; {_TRANSIENT_HINT}")
     return OSError(f"S3 {op} on {uri} failed: {type(exc).__name__}: {exc}")
 
 
@@ -349,7 +415,10 @@ class S3Storage:
     """S3 (or an S3-compatible endpoint) through one thread-safe boto3 client.
 
     Credentials and region come from boto3's usual chain (environment, profile, instance role); with no
-    region configured anywhere, ``us-east-1`` is used. Requests are retried (standard mode, 5 attempts).
+    region configured anywhere, ``us-east-1`` is used. Transient failures (5xx, throttling, timeouts,
+    connection resets) are retried by botocore's ``retry_mode`` with exponential backoff and jitter, up to
+    ``max_attempts`` attempts per request (botocore's retry quota may stop them sooner when most requests fail);
+    then :class:`~pipeline.errors.TransientError` is raised.
     """
 
     def __init__(
@@ -360,21 +429,41 @@ class S3Storage:
         timeout_s: float = 30.0,
         max_bytes: int = DEFAULT_MAX_BYTES,
         page_size: int | None = None,
+        connect_timeout_s: float = 10.0,
+        max_attempts: int = 10,
+        retry_mode: Literal["standard", "adaptive"] = "standard",
+        max_pool_connections: int = 32,
     ) -> None:
-        """``client``: a ready boto3 S3 client (then ``endpoint_url`` and ``timeout_s`` are unused).
-        ``page_size``: keys per ``ListObjectsV2`` page (None: the service's default, 1000).
+        """``client``: a ready boto3 S3 client (then ``endpoint_url``, the timeouts, ``retry_mode`` and
+        ``max_pool_connections`` are unused). ``timeout_s``: read timeout, seconds; ``connect_timeout_s``:
+        connect timeout, seconds. ``max_attempts``: attempts of one request, the first included; a body that
+        breaks off mid-read is also asked for again up to this many times. ``page_size``: keys per
+        ``ListObjectsV2`` page (None: the service's default, 1000).
 
         Raises:
-            ConfigError: the client cannot be created (unknown AWS profile, invalid endpoint URL).
+            ConfigError: the client cannot be created (unknown AWS profile, invalid endpoint URL, a bad retry
+                setting).
         """
         if client is None:
-            client = self._make_client(endpoint_url, timeout_s)
+            client = self._make_client(
+                endpoint_url, read_timeout_s=timeout_s, connect_timeout_s=connect_timeout_s,
+                max_attempts=max_attempts, retry_mode=retry_mode, max_pool_connections=max_pool_connections,
+            )
         self.client = client
         self.max_bytes = max_bytes
         self.page_size = page_size
+        self.max_attempts = max(1, max_attempts)
 
     @staticmethod
-    def _make_client(endpoint_url: str | None, timeout_s: float) -> Any:
+    def _make_client(
+        endpoint_url: str | None,
+        *,
+        read_timeout_s: float,
+        connect_timeout_s: float,
+        max_attempts: int,
+        retry_mode: str,
+        max_pool_connections: int,
+    ) -> Any:
         import boto3.session
         import botocore.config
         from botocore.exceptions import BotoCoreError
@@ -382,10 +471,10 @@ class S3Storage:
         try:
             session = boto3.session.Session()
             config = botocore.config.Config(
-                connect_timeout=timeout_s,
-                read_timeout=timeout_s,
-                retries={"max_attempts": 5, "mode": "standard"},
-                max_pool_connections=32,
+                connect_timeout=connect_timeout_s,
+                read_timeout=read_timeout_s,
+                retries={"total_max_attempts": max_attempts, "mode": retry_mode},
+                max_pool_connections=max_pool_connections,
             )
             return session.client(
                 "s3",
@@ -402,28 +491,53 @@ class S3Storage:
     def read(self, uri: str) -> bytes:
         """The bytes of the object at ``s3://bucket/key``.
 
+        A body that breaks off mid-read (a connection reset, a read timeout) is asked for again, up to
+        ``max_attempts`` times: botocore retries requests, not the bodies it has handed over.
+
         Raises:
             FileNotFoundError: ``no such object: URI`` or ``no such bucket: BUCKET ...``.
             PermissionError: access denied (403, bad credentials).
             TooLargeError: ``ContentLength`` is larger than ``max_bytes`` (the body is not read).
             SourceError: not a valid ``s3://bucket/key`` URI.
-            OSError: any other S3 or network error; the message has the S3 error code.
+            TransientError: 5xx, throttling, timeouts or connection errors still failing after the retries.
+            OSError: any other S3 error (another 4xx answer); the message has the S3 error code.
         """
         bucket, key = parse_s3_uri(uri)
         if not key:
             raise SourceError(f"S3 URI {uri!r} has no key: use s3://bucket/key")
-        try:
-            resp = self.client.get_object(Bucket=bucket, Key=key)
-        except _botocore_errors() as exc:
-            raise _translate(exc, uri, "GetObject") from exc
+        attempt = 1
+        while True:
+            try:
+                resp = self.client.get_object(Bucket=bucket, Key=key)
+            except _botocore_errors() as exc:
+                raise _translate(exc, uri, "GetObject") from exc
+            try:
+                return self._body(resp, uri)
+            except TransientError as exc:
+                if attempt >= self.max_attempts:
+                    raise
+                log.info("asking again: %s", exc)
+                attempt += 1
+
+    def _body(self, resp: dict[str, Any], uri: str) -> bytes:
+        """The body of a GetObject answer, all of it.
+
+        Raises:
+            TooLargeError: over ``max_bytes``.
+            TransientError: the body broke off (a reset, a read timeout, fewer bytes than ``ContentLength``).
+        """
         body = resp["Body"]
         try:
             size = resp.get("ContentLength")
             if size is not None and size > self.max_bytes:
                 raise TooLargeError(f"object is {size} bytes, more than the limit of {self.max_bytes}: {uri}")
-            data = body.read(self.max_bytes + 1)
+            data: bytes = body.read(self.max_bytes + 1)
             if len(data) > self.max_bytes:
                 raise TooLargeError(f"object is more than the limit of {self.max_bytes} bytes: {uri}")
+            if size is not None and len(data) != size:  # read(amt) does not check the length; a cut body is short
+                raise TransientError(
+                    f"S3 GetObject on {uri} broke off after {len(data)} of {size} bytes; {_TRANSIENT_HINT}"
+                )
             return data
         except _botocore_errors() as exc:
             raise _translate(exc, uri, "GetObject") from exc
@@ -438,7 +552,8 @@ class S3Storage:
 
         Raises:
             SourceError: not a valid ``s3://bucket/key`` URI (at call time).
-            FileNotFoundError, PermissionError, OSError: like :meth:`read`, while iterating.
+            FileNotFoundError, PermissionError, TransientError, OSError: like :meth:`read`, while iterating (a
+                stream that breaks off is not restarted: TransientError).
         """
         bucket, key = parse_s3_uri(uri)
         if not key:
@@ -469,7 +584,8 @@ class S3Storage:
         Raises (while iterating):
             FileNotFoundError: ``no such bucket: BUCKET ...``.
             PermissionError: access denied.
-            OSError: any other S3 or network error.
+            TransientError: 5xx, throttling, timeouts or connection errors still failing after the retries.
+            OSError: any other S3 error.
             SourceError: not an ``s3://`` URI (raised at call time).
         """
         bucket, prefix = parse_s3_uri(prefix_uri)
@@ -571,8 +687,9 @@ def make_reader(settings: Settings | None = None, extra_roots: Sequence[Path] = 
     """An :class:`ObjectReader` for ``settings`` (the process's :func:`get_settings` when None).
 
     Local roots are ``settings.local_roots`` plus ``extra_roots`` (realpath-resolved); images larger than
-    ``settings.max_image_bytes`` are refused; S3 uses ``settings.s3_endpoint_url`` and
-    ``settings.fetch_timeout_s``, with the client created on first S3 use.
+    ``settings.max_image_bytes`` are refused; S3 uses ``settings.s3_endpoint_url``, the timeouts
+    ``fetch_timeout_s`` (read) and ``s3_connect_timeout_s``, the retries ``s3_retry_mode`` and ``s3_max_attempts``
+    and ``s3_max_pool_connections``, with the client created on first S3 use.
     """
     if settings is None:
         from pipeline.settings import get_settings
@@ -585,6 +702,10 @@ def make_reader(settings: Settings | None = None, extra_roots: Sequence[Path] = 
         endpoint_url=settings.s3_endpoint_url,
         timeout_s=settings.fetch_timeout_s,
         max_bytes=settings.max_image_bytes,
+        connect_timeout_s=settings.s3_connect_timeout_s,
+        max_attempts=settings.s3_max_attempts,
+        retry_mode=settings.s3_retry_mode,
+        max_pool_connections=settings.s3_max_pool_connections,
     )
     return ObjectReader(local, s3_factory=factory)
 

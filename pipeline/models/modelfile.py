@@ -4,20 +4,24 @@ Layout (every value is a type that ``torch.load(..., weights_only=True)`` accept
 
     {"format": "invsort-model/1", "arch": "mobilenet_v2", "class_names": [...],
      "in_chans": 3, "input_size": [H, W], "mean": [...], "std": [...],
-     "version": "<12 hex chars: sha256 of the weights and fields>", "state_dict": {...},
+     "version": "<12 hex chars, for information only>", "state_dict": {...},
      "temperature": 1.0, "review_threshold": 0.0, "created_at": "ISO-8601", "info": {...},
      "open_set": {"method": "mahalanobis", "threshold": ..., "tpr": 0.95, "whiten": tensor, "centers": tensor}}
 
 ``open_set`` (:mod:`pipeline.models.openset`) is optional: a file without it (older ones) loads and rejects nothing.
+
+The ``version`` field is written but never read: :func:`load_model_file` computes the version from the content it
+loads (:func:`model_version`, the same as :func:`pipeline.models.fileversion.content_version` computes without
+torch), so a file whose weights were changed under an old version string gets its own version.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import io
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,15 +30,22 @@ from torch import nn
 
 from pipeline.errors import ConfigError, ModelFileError
 from pipeline.io.files import atomic_path
+from pipeline.io.images import to_model_input
+from pipeline.models.fileversion import BUNDLED as BUNDLED
+from pipeline.models.fileversion import (
+    BUNDLED_PREFIX,
+    FORMAT,
+    content_version,
+    read_model_bytes,
+    version_digest,
+    version_meta,
+)
+from pipeline.models.fileversion import resolve_model_path as resolve_model_path
 from pipeline.models.openset import OpenSet, OpenSetNet
 from pipeline.models.registry import arch_spec, create_model
 
 if TYPE_CHECKING:
     from pipeline.io.storage import ObjectReader
-
-FORMAT = "invsort-model/1"
-BUNDLED_PREFIX = "bundled:"
-BUNDLED = {"fashion_mnist_cnn": "fashion_mnist_cnn.pt"}
 
 
 @dataclass
@@ -83,23 +94,20 @@ def model_version(mf: ModelFile, state_dict: dict[str, torch.Tensor] | None = No
     size, channels, mean/std, temperature, review threshold, the open-set score (method, threshold, TPR, tensors;
     nothing for a file without one, so older files keep their version), and the weights' names, shapes and bytes.
 
-    Same content, same version; retraining, recalibrating or moving the threshold gives a new one.
+    Same content, same version; retraining, recalibrating or moving the threshold gives a new one. The layout is
+    :func:`pipeline.models.fileversion.version_digest`'s, which also computes it from a file's bytes without torch.
     """
-    h = hashlib.sha256()
-    meta = [mf.arch, list(mf.class_names), int(mf.in_chans), [int(x) for x in mf.input_size],
-            [float(x) for x in mf.mean], [float(x) for x in mf.std], float(mf.temperature),
-            float(mf.review_threshold)]
-    h.update(repr(meta).encode())
-    if mf.open_set is not None:
-        for part in mf.open_set.hash_parts():
-            h.update(part)
+    meta = version_meta(mf.arch, mf.class_names, mf.in_chans, mf.input_size, mf.mean, mf.std, mf.temperature,
+                        mf.review_threshold)
+    parts = mf.open_set.hash_parts() if mf.open_set is not None else []
     state = mf.state_dict if state_dict is None else state_dict
-    for key in sorted(state):
-        t = state[key].detach().cpu().contiguous()
-        h.update(key.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:12]
+
+    def tensors() -> Iterator[tuple[str, tuple[int, ...], bytes]]:
+        for key in sorted(state):
+            t = state[key].detach().cpu().contiguous()
+            yield key, tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+    return version_digest(meta, parts, tensors())
 
 
 def save_model_file(mf: ModelFile, path: str | Path) -> str:
@@ -126,22 +134,6 @@ def save_model_file(mf: ModelFile, path: str | Path) -> str:
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return mf.version
-
-
-def resolve_model_path(spec: str) -> str:
-    """``bundled:NAME`` → the packaged file's path; anything else unchanged.
-
-    Raises:
-        ModelFileError: unknown bundled name (the message lists the known ones).
-    """
-    if spec.startswith(BUNDLED_PREFIX):
-        name = spec[len(BUNDLED_PREFIX) :]
-        if name not in BUNDLED:
-            raise ModelFileError(
-                f"unknown bundled model {name!r}; bundled: {', '.join(BUNDLED_PREFIX + n for n in BUNDLED)}"
-            )
-        return str(resources.files("pipeline.assets").joinpath(BUNDLED[name]))
-    return spec
 
 
 def _check_weights(mf: ModelFile, what: str) -> None:
@@ -206,38 +198,14 @@ def _load_error_reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
 
 
-def load_model_file(spec: str, *, reader: ObjectReader | None = None) -> ModelFile:
-    """Load a model file from a local path, an ``s3://`` URI or ``bundled:NAME``.
-
-    Uses ``torch.load(..., weights_only=True)``: a file cannot run code when it is loaded.
+def _from_payload(obj: dict[str, Any], spec: str) -> ModelFile:
+    """The :class:`ModelFile` in a loaded payload (its ``version`` left empty: the file's own is never used).
 
     Raises:
-        FileNotFoundError: no such file or object.
-        ModelFileError: the file is not an invsort model file, or its fields do not fit together (e.g. its class
-            names are not as many as the classifier's outputs, or its architecture is unknown); one line.
+        ModelFileError: a missing or bad field.
     """
-    path = resolve_model_path(spec)
-    if path.startswith("s3://"):
-        if reader is None:
-            from pipeline.io.storage import make_reader
-
-            reader = make_reader()
-        source: Any = io.BytesIO(reader.read(path))
-    else:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"no such model file: {path}")
-        source = path
     try:
-        obj = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and unpickler errors all mean "not a model file"
-        raise ModelFileError(f"{spec} is not an invsort model file ({_load_error_reason(exc)})") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise ModelFileError(
-            f"{spec} is not an invsort model file (expected format {FORMAT!r}); "
-            "make one with 'invsort train DIR --out MODEL'"
-        )
-    try:
-        mf = ModelFile(
+        return ModelFile(
             arch=str(obj["arch"]),
             class_names=[str(c) for c in obj["class_names"]],
             in_chans=int(obj["in_chans"]),
@@ -245,7 +213,6 @@ def load_model_file(spec: str, *, reader: ObjectReader | None = None) -> ModelFi
             mean=tuple(float(x) for x in obj["mean"]),
             std=tuple(float(x) for x in obj["std"]),
             state_dict=dict(obj["state_dict"]),
-            version=str(obj["version"]),
             temperature=float(obj.get("temperature", 1.0)),
             review_threshold=float(obj.get("review_threshold", 0.0)),
             created_at=str(obj.get("created_at", "")),
@@ -254,11 +221,85 @@ def load_model_file(spec: str, *, reader: ObjectReader | None = None) -> ModelFi
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise ModelFileError(f"{spec} is a damaged invsort model file: missing or bad field {exc}") from None
+
+
+PROBE_SEED = 0
+
+
+def _check_finite(mf: ModelFile, what: str) -> None:
+    """Refuse a model that would give NaN or infinite outputs, in one line: a mean/std that is not finite or a
+    std that is not above 0, a temperature or review threshold that is not finite (or a negative temperature),
+    weights or open-set values that are not finite, or non-finite outputs of a forward pass (float32, CPU) on
+    three probe images of ``mf.input_size``: black, white and seeded noise.
+
+    Raises:
+        ModelFileError: the message starts with ``what`` and says which value is at fault.
+    """
+    if not all(math.isfinite(x) for x in (*mf.mean, *mf.std)) or min(mf.std) <= 0:
+        raise ModelFileError(f"{what}: mean {list(mf.mean)} and std {list(mf.std)} must be finite and std above 0 "
+                             "(inputs are divided by std)")
+    if not (math.isfinite(mf.temperature) and mf.temperature >= 0 and math.isfinite(mf.review_threshold)):
+        raise ModelFileError(f"{what}: temperature {mf.temperature} and review threshold {mf.review_threshold} must "
+                             "be finite numbers, the temperature not negative")
+    tensors = dict(mf.state_dict)
+    if mf.open_set is not None:
+        if not math.isfinite(mf.open_set.threshold):
+            raise ModelFileError(f"{what}: the open-set threshold is {mf.open_set.threshold}")
+        tensors.update({"open_set.whiten": mf.open_set.whiten, "open_set.centers": mf.open_set.centers})
+    for key, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ModelFileError(f"{what}: {bad} of the {t.numel()} values of {key} are NaN or infinite")
+    h, w = mf.input_size
+    noise = torch.randint(0, 256, (1, h, w, mf.in_chans), generator=torch.Generator().manual_seed(PROBE_SEED),
+                          dtype=torch.uint8)
+    probe = torch.cat([torch.zeros_like(noise), torch.full_like(noise, 255), noise])
+    c = mf.in_chans
+    with torch.inference_mode():
+        mean = torch.tensor(mf.mean, dtype=torch.float32).view(1, c, 1, 1)
+        std = torch.tensor(mf.std, dtype=torch.float32).view(1, c, 1, 1)
+        out = mf.build_scoring()(to_model_input(probe, mean, std)).float()
+    if not bool(torch.isfinite(out).all()):
+        raise ModelFileError(f"{what}: a forward pass on probe images (black, white, noise) gives NaN or infinite "
+                             "outputs")
+
+
+def load_model_file(spec: str, *, reader: ObjectReader | None = None) -> ModelFile:
+    """Load a model file from a local path, an ``s3://`` URI or ``bundled:NAME``.
+
+    Uses ``torch.load(..., weights_only=True)``: a file cannot run code when it is loaded. The version is
+    computed from the bytes loaded (:func:`model_version` of the tensors torch built, checked equal to
+    :func:`pipeline.models.fileversion.content_version` of the same bytes, which ``submit`` pins without torch);
+    the file's own ``version`` field is ignored.
+
+    Raises:
+        FileNotFoundError: no such file or object.
+        ModelFileError: the file is not an invsort model file, or its fields do not fit together (e.g. its class
+            names are not as many as the classifier's outputs, or its architecture is unknown), or it would give
+            NaN or infinite outputs (:func:`_check_finite`); one line.
+    """
+    path, data = read_model_bytes(spec, reader=reader)
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and unpickler errors all mean "not a model file"
+        raise ModelFileError(f"{spec} is not an invsort model file ({_load_error_reason(exc)})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise ModelFileError(
+            f"{spec} is not an invsort model file (expected format {FORMAT!r}); "
+            "make one with 'invsort train DIR --out MODEL'"
+        )
+    mf = _from_payload(obj, spec)
     if len(mf.mean) != mf.in_chans or len(mf.std) != mf.in_chans:
         raise ModelFileError(f"{spec}: mean/std have {len(mf.mean)} values for {mf.in_chans} channels")
     if len(set(mf.class_names)) != len(mf.class_names) or len(mf.class_names) < 2:
         raise ModelFileError(f"{spec}: class names must be at least 2 and distinct")
     _check_weights(mf, f"model file {spec}")
     _check_open_set(mf, f"model file {spec}")
+    _check_finite(mf, f"model file {spec}")
+    mf.version = model_version(mf)
+    without_torch = content_version(data, what=f"model file {spec}")
+    if without_torch != mf.version:  # the two readers of the format disagree: refuse rather than pin wrongly
+        raise ModelFileError(f"model file {spec}: its content hashes to version {mf.version} as torch loads it but "
+                             f"{without_torch} as read without torch; save it again with invsort")
     mf.name = spec if spec.startswith(BUNDLED_PREFIX) else f"{mf.arch}:{Path(path).stem}"
     return mf
