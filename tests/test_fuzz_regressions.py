@@ -212,6 +212,27 @@ def test_jpeg_frame_header_cut_short_is_an_image_error() -> None:
         assert batch_decodable_jpeg(built) is False
 
 
+_BIGTIFF_VALUE_FAR = (  # a BigTIFF with 2 tags: ImageWidth (3 LONGs, so stored at an offset: 2**63), ImageLength 16
+    b"II+\x00\x08\x00\x00\x00" + struct.pack("<QQ", 16, 2)
+    + struct.pack("<HHQQ", 256, 4, 3, 2**63) + struct.pack("<HHQQ", 257, 3, 1, 16)
+)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [(DATA / "decode_bigtiff_offset_2p63.tif").read_bytes(), _BIGTIFF_VALUE_FAR],
+    ids=["first-directory", "tag-value"],
+)
+def test_bigtiff_offset_past_2_63_is_an_image_error(data: bytes) -> None:
+    """Found by fuzz_decode against pipeline/io/headers.py (decode_bigtiff_offset_2p63.tif, 96 bytes): a BigTIFF
+    offset (8 bytes) of 2**63 or more made ``struct.unpack_from`` raise OverflowError, which ``_tiff_header`` does not
+    catch (only struct.error), out of check_image_header and decode_image."""
+    with pytest.raises(ImageError):
+        check_image_header(data)
+    with pytest.raises(ImageError):
+        decode_image(data, size=(8, 8))
+
+
 # ----------------------------------------------------------------------------------------------- manifests
 
 

@@ -19,7 +19,7 @@ from worker.app import app
 
 log = logging.getLogger(__name__)
 TASK_NAME = "invsort.sort_batch"
-MAX_BACKOFF_S = 300
+MAX_BACKOFF_S = 60
 
 
 @worker_process_init.connect
@@ -33,7 +33,7 @@ def _after_fork(**_: object) -> None:
 
 
 def backoff_s(retries: int) -> float:
-    """Seconds before retry number ``retries + 1``: exponential from 2 s, capped at 300 s, with full jitter
+    """Seconds before retry number ``retries + 1``: exponential from 2 s, capped at 60 s, with full jitter
     (AWS Architecture Blog, "Exponential Backoff And Jitter", 2015)."""
     return random.uniform(1.0, min(MAX_BACKOFF_S, 2.0 * 2**retries))  # noqa: S311 - jitter, not a secret
 

@@ -61,6 +61,9 @@ KNOWN = KnownFindings([
     # a JPEG whose frame header (SOFn) is cut off before its component count: headers._jpeg_header bounds-checks
     # 7 bytes past the length field but unpacks 8, and struct.error leaves check_image_header / decode_image
     Known("jpeg-sof-cut-short", struct.error, "unpack_from requires a buffer", "_jpeg_header"),
+    # a BigTIFF whose first directory (or a tag's value) is at an offset of 2**63 or more: struct.unpack_from raises
+    # OverflowError, which headers._tiff_header does not catch (it catches struct.error)
+    Known("bigtiff-offset-overflow", OverflowError, "too large to convert", "_tiff_header"),
 ])
 
 # A header check before decoding, if the module has one (found by name, so the harness follows the code).
