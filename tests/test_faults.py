@@ -350,3 +350,49 @@ def test_postgresql_unreachable_for_30_s_mid_job_the_job_ends_done_with_every_it
     assert_exact(pg_url, job_id, 40)
     print(f"PostgreSQL cut for 30 s at {during.batches_done}/20 batches ({proxy.refused} connections refused): "
           f"done {took:.1f} s after the cut")
+
+
+HANG_HOOK = '''
+import threading
+import pipeline.inference.streaming as streaming
+
+_decode = streaming.decode_image
+
+
+def _decode_or_hang(data, *args, **kwargs):
+    if b"INVSORT-TEST-HANG" in bytes(data[-64:]):
+        threading.Event().wait()  # hangs for ever, as a stuck native decoder would
+    return _decode(data, *args, **kwargs)
+
+
+streaming.decode_image = _decode_or_hang
+'''
+
+
+def test_an_image_that_hangs_the_worker_fails_alone_after_the_time_limits_and_its_batch_is_written(
+        pg_url, s3_server, own_redis, tmp_path):
+    broker_url, _ = own_redis
+    src = photos(tmp_path, 8)
+    stuck = sorted(src.rglob("*.png"))[3]
+    stuck.write_bytes(stuck.read_bytes() + b"INVSORT-TEST-HANG")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HANG_HOOK)
+    env = {**worker_env(pg_url, s3_server, broker_url), **FAST_RECONCILER, "INVSORT_LOCAL_ROOTS": str(src),
+           "INVSORT_ITEMS_PER_TASK": "8", "INVSORT_TASK_TIME_LIMIT_S": "35", "PYTHONPATH": str(hook)}
+    job_id = submit_job({**env, "PYTHONPATH": ""}, src)
+    log = tmp_path / "w.log"
+    started = time.monotonic()
+    worker = start_worker(env, "w", log)
+    try:
+        job = wait_for(ended(pg_url, job_id), 300, "the job ends", (log,))
+    finally:
+        stop_worker(worker)
+    took = time.monotonic() - started
+    text = log.read_text()
+    limits = text.count("SoftTimeLimitExceeded") + text.count("TimeLimitExceeded(35")
+    assert limits >= 2, text[-3000:]  # the fault: the item really hung the task until a time limit, repeatedly
+    job, rows = assert_exact(pg_url, job_id, 8)
+    failed = [r for r in rows if r.status == "failed"]
+    assert [r.image_uri for r in failed] == [stuck.as_uri()] and "poison item" in failed[0].error
+    print(f"hanging image: {limits} time-limit hits, job done in {took:.1f} s with 7 rows sorted and 1 failed")

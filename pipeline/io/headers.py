@@ -102,7 +102,7 @@ def _jpeg_header(data: bytes) -> ImageHeader | None:
             return None
         (length,) = struct.unpack_from(">H", data, i)
         if marker in _JPEG_SOF:
-            if length < 8 or i + 7 > n:
+            if length < 8 or i + 8 > n:
                 return None
             height, width, components = struct.unpack_from(">HHB", data, i + 3)
             # OpenCV's output (3 bytes a pixel, grey or colour) plus libjpeg's whole-image coefficient buffers of
@@ -202,7 +202,7 @@ def _tiff_header(data: bytes) -> ImageHeader | None:
             if struct.calcsize(fmt) * n > inline:  # the values are elsewhere: the offset says where
                 (where,) = struct.unpack_from(order + ("Q" if big else "I"), data, where)
             tags[tag] = struct.unpack_from(fmt, data, where)[0]
-    except struct.error:  # an offset or count past the end of the file
+    except (struct.error, OverflowError):  # an offset or count past the end of the file (or past 2**63)
         return None
     if 256 not in tags or 257 not in tags:
         return None
