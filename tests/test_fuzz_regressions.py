@@ -86,7 +86,7 @@ def _png_with_chunk_length(kind: bytes, length: int) -> bytes:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["idat_committed", "text_built"])
+@pytest.mark.parametrize("name", ["idat_committed", "text_built", "first_chunk_not_ihdr"])
 def test_png_chunk_claiming_more_bytes_than_the_file_fails_without_a_memory_spike(
     name: str, tmp_path: Path
 ) -> None:
@@ -96,6 +96,8 @@ def test_png_chunk_claiming_more_bytes_than_the_file_fails_without_a_memory_spik
     ImageError, without the spike."""
     if name == "idat_committed":
         path = DATA / "decode_png_idat_length_2gib.png"
+    elif name == "first_chunk_not_ihdr":  # 20 bytes: the signature, then an IEND chunk claiming 4 GB (10-min run)
+        path = DATA / "decode_png_huge_first_chunk_oracle_oom.png"
     else:
         path = tmp_path / "text.png"
         path.write_bytes(_png_with_chunk_length(b"tEXt", 0x7FFF_FFF0))
