@@ -112,3 +112,44 @@ def test_unknown_folder_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="Handbag") as exc:
         evaluate(MODEL, data, tmp_path / "out")
     assert "Ankle_boot" in str(exc.value)  # names the model's classes
+
+
+def test_evaluate_record_stores_the_figures_in_the_model_file_its_card_and_model_info(tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    import pipeline.assets
+    from pipeline.models.modelfile import load_model_file
+    from worker.cli import main
+
+    model = tmp_path / "fm.pt"
+    shutil.copy(Path(pipeline.assets.__file__).parent / "fashion_mnist_cnn.pt", model)
+    before = load_model_file(str(model)).version
+    extra = tmp_path / "extra"
+    shutil.copytree(EXAMPLES / "Sandal", extra / "Sandal")
+    shutil.copytree(EXAMPLES / "Bag", extra / "not_a_class")
+    result = CliRunner().invoke(main, ["evaluate", str(model), str(EXAMPLES), "--out", str(tmp_path / "r"),
+                                       "--robustness-per-class", "2", "--extra", f"real={extra}", "--record"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    mf = load_model_file(str(model))
+    assert mf.version == before  # info is not part of the version
+    (e,) = mf.info["evaluations"]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert (e["n"], e["accuracy"], e["model_version"]) == (50, report["accuracy"], before)
+    assert [r["name"] for r in e["robustness"]] == [r["name"] for r in report["robustness"]["shifts"]]
+    n_sandal, n_bag = len(list((EXAMPLES / "Sandal").iterdir())), len(list((EXAMPLES / "Bag").iterdir()))
+    assert e["extra"]["real"]["n"] == n_sandal and e["extra"]["real"]["unknown_n"] == n_bag
+    card = (tmp_path / "fm.card.md").read_text()
+    assert "## Measured off the training distribution" in card and "| shift | photos | top-1 |" in card
+    assert f"`real`: {n_sandal} photos of the model's classes" in card
+    info = CliRunner().invoke(main, ["model-info", str(model)], catch_exceptions=False).output
+    assert "Measured off the training distribution" in info and f"`real`: {n_sandal} photos" in info
+    # recording the same folder again replaces its entry
+    CliRunner().invoke(main, ["evaluate", str(model), str(EXAMPLES), "--out", str(tmp_path / "r2"),
+                              "--no-robustness", "--record"], catch_exceptions=False)
+    assert len(load_model_file(str(model)).info["evaluations"]) == 1
+    bundled = CliRunner().invoke(main, ["evaluate", MODEL, str(EXAMPLES), "--out", str(tmp_path / "r3"),
+                                        "--no-robustness", "--record"])
+    assert bundled.exit_code == 1 and "not a local file" in bundled.output

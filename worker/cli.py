@@ -573,6 +573,11 @@ def model_info(model: str) -> None:
         sel = test.get("at_threshold", {})
         click.echo(f"test top-1 accuracy {test['accuracy']:.4f} on {test['n']} images; at the threshold precision "
                    f"{sel.get('precision', float('nan')):.4f}, coverage {sel.get('coverage', 0):.3f}")
+    from pipeline.models.modelcard import evaluation_lines
+
+    for line in evaluation_lines(mf.info.get("evaluations") or []):
+        if line and not line.startswith("Recorded by"):
+            click.echo(line.removeprefix("## ").removeprefix("### "))
 
 
 class _DefaultGroup(click.Group):
@@ -810,9 +815,11 @@ def data_check(data_dir: str, manifest: str | None, val_fraction: float, test_fr
 @click.option("--ood", "ood_dir", type=click.Path(file_okay=False), default=None, metavar="OOD_DIR",
               help="A folder of photos of none of the model's classes: report the open-set score's AUROC and FPR at "
               "95% TPR against DATA_DIR, and a histogram of the two score distributions.")
+@click.option("--record", is_flag=True, help="Also store these figures in MODEL (a local file) and its model card, "
+              "where 'invsort model-info' shows them; its version does not change.")
 @_handle_errors
 def evaluate(model: str, data_dir: str, out_dir: str, batch_size: int, device: str, robustness: bool,
-             robustness_per_class: int, extra: dict[str, str], ood_dir: str | None) -> None:
+             robustness_per_class: int, extra: dict[str, str], ood_dir: str | None, record: bool) -> None:
     """Evaluate MODEL on DATA_DIR (one sub-folder per category, named as the model's classes).
 
     Writes report.json, report.md and plots (confusion matrix, reliability diagram with ECE, training
@@ -842,6 +849,10 @@ def evaluate(model: str, data_dir: str, out_dir: str, batch_size: int, device: s
         click.echo(f"open set ({o['method']}): AUROC {o['auroc']:.4f}  FPR at 95% TPR {o['fpr_at_95_tpr']:.4f}  "
                    f"{o['ood_auto_sorted']} of {o['n_ood']} OOD photos auto-sorted")
     click.echo(f"report: {Path(out_dir) / 'report.md'} (and report.json, *.png)")
+    if record:
+        from pipeline.evaluation.report import record_evaluation
+
+        click.echo(f"recorded in {model} and its model card {record_evaluation(model, r)}")
 
 
 @main.group()

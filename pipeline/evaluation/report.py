@@ -12,12 +12,13 @@ import json
 import logging
 import math
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ModelFileError
 from pipeline.evaluation.calibration import coverage_precision_curve, precision_interval, selective_scores
 from pipeline.evaluation.extra import extra_markdown, score_extra_folder
 from pipeline.evaluation.metrics import compute_metrics
@@ -33,6 +34,8 @@ from pipeline.evaluation.robustness import (
 )
 from pipeline.io.files import atomic_path, atomic_write_text
 from pipeline.io.folders import Arrays, load_images, samples_for_classes
+from pipeline.models.modelcard import write_model_card
+from pipeline.models.modelfile import load_model_file, save_model_file
 from pipeline.progress import progress as progress_display
 
 log = logging.getLogger(__name__)
@@ -412,3 +415,55 @@ def _markdown(report: dict, class_names: list[str]) -> str:
     lines += ["", "## Plots", ""]
     lines += [f"![{p.removesuffix('.png')}]({p})" for p in report["plots"]]
     return "\n".join(lines) + "\n"
+
+
+def evaluation_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The figures of an :func:`evaluate` report that a model file keeps (``info["evaluations"]``) and its model
+    card shows: top-1 and the promised beside the measured precision, the robustness table, each extra folder, the
+    open-set AUROC and FPR at 95 % TPR."""
+    t = report["at_threshold"]
+    extra: dict[str, Any] = {}
+    for name, x in (report.get("extra") or {}).items():
+        known, unknown = x.get("known") or {}, x.get("unknown") or {}
+        sel = known.get("at_threshold") or {}
+        extra[name] = {"n": known.get("n", 0), "accuracy": known.get("accuracy"), "sorted": sel.get("sorted", 0),
+                       "precision": sel.get("precision"), "unknown_n": unknown.get("n", 0),
+                       "unknown_sorted": unknown.get("sorted", 0)}
+    o = report.get("open_set")
+    return {
+        "data_dir": report["data_dir"], "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model_version": report["model"]["version"], "n": report["images_evaluated"],
+        "accuracy": report["accuracy"], "promised": (report.get("promise") or {}).get("promised"),
+        "sorted": t["sorted"], "precision": t["precision"],
+        "robustness": [{k: r[k] for k in ("name", "n", "accuracy", "sorted", "precision")}
+                       for r in (report.get("robustness") or {}).get("shifts") or []],
+        "extra": extra,
+        "open_set": None if o is None else {k: o[k] for k in ("method", "ood_dir", "auroc", "fpr_at_95_tpr", "n_ood",
+                                                               "ood_auto_sorted")},
+    }
+
+
+def record_evaluation(model_path: str | Path, report: dict[str, Any], *, keep: int = 10) -> Path:
+    """Store :func:`evaluation_summary` of ``report`` in the model file at ``model_path`` (``info["evaluations"]``,
+    replacing an earlier one of the same folder; the ``keep`` latest are kept) and rewrite its model card
+    (``<stem>.card.md`` beside it). The model's version does not change (``info`` is not part of it).
+
+    Returns:
+        The card's path.
+
+    Raises:
+        ModelFileError: ``model_path`` is not a writable local model file (a ``bundled:`` or ``s3://`` model), or
+            the report is of another version of the model.
+    """
+    spec = str(model_path)
+    if spec.startswith(("bundled:", "s3://")):
+        raise ModelFileError(f"--record writes into the model file: {spec} is not a local file; copy it first")
+    mf = load_model_file(spec)
+    if mf.version != report["model"]["version"]:
+        raise ModelFileError(f"the report is of version {report['model']['version']}, {spec} is {mf.version}")
+    summary = evaluation_summary(report)
+    kept = [e for e in mf.info.get("evaluations") or [] if e.get("data_dir") != summary["data_dir"]]
+    mf.info["evaluations"] = [*kept, summary][-keep:]
+    save_model_file(mf, spec)
+    path = Path(spec)
+    return write_model_card(mf, path.with_name(path.stem + ".card.md"))

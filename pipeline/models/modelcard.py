@@ -123,7 +123,41 @@ def model_card(mf: ModelFile) -> str:
             lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
     else:
         lines.append("No test split (the data set was too small, or test_fraction was 0).")
+    lines += evaluation_lines(info.get("evaluations") or [])
     return "\n".join(lines) + "\n"
+
+
+def evaluation_lines(evaluations: list[dict[str, Any]]) -> list[str]:
+    """The card's "Measured off the training distribution" section: each evaluation ``invsort evaluate --record``
+    stored in the model file (the folder, top-1, the review threshold's promise beside the precision measured,
+    the robustness table, extra real-photo folders, the open-set AUROC and FPR at 95 % TPR)."""
+    if not evaluations:
+        return ["", "## Measured off the training distribution", "",
+                "Nothing recorded yet: `invsort evaluate MODEL DIR --out R --extra real=PHOTOS --ood OTHER --record` "
+                "stores its figures here."]
+    lines = ["", "## Measured off the training distribution",
+             "", "Recorded by `invsort evaluate --record`; the promise is the precision the review threshold was "
+             "chosen for, measured is the precision of the rows it let through."]
+    for e in evaluations:
+        lines += ["", f"### `{e['data_dir']}` ({e['evaluated_at']}, model version `{e['model_version']}`)", "",
+                  f"- {e['n']} photos, top-1 accuracy {_f(e['accuracy'])}; promised precision "
+                  f"{_f(e.get('promised'))}, measured {_f(e['precision'])} on {e['sorted']} rows sorted"]
+        for name, x in (e.get("extra") or {}).items():
+            line = f"- `{name}`: "
+            if x.get("n"):
+                line += (f"{x['n']} photos of the model's classes, top-1 {_f(x['accuracy'])}, {x['sorted']} sorted "
+                         f"at precision {_f(x['precision'])}")
+            if x.get("unknown_n"):
+                line += f"; {x['unknown_sorted']} of {x['unknown_n']} photos of other things sorted"
+            lines.append(line)
+        if (o := e.get("open_set")) is not None:
+            lines.append(f"- Open set ({o['method']}) on `{o['ood_dir']}`: AUROC {_f(o['auroc'])}, FPR at 95 % TPR "
+                         f"{_f(o['fpr_at_95_tpr'])}, {o['ood_auto_sorted']} of {o['n_ood']} sorted")
+        if e.get("robustness"):
+            lines += ["", "| shift | photos | top-1 | sorted | precision of the sorted |", "|---|---:|---:|---:|---:|"]
+            lines += [f"| {r['name']} | {r['n']} | {_f(r['accuracy'])} | {r['sorted']} | {_f(r['precision'])} |"
+                      for r in e["robustness"]]
+    return lines
 
 
 def _open_set_line(mf: ModelFile) -> str:
