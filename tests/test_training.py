@@ -209,3 +209,47 @@ def test_a_photo_network_started_from_random_weights_is_said_loudly():
     said.clear()
     build_model(TrainConfig(arch="invsort_cnn", in_chans=1), 3, torch.device("cpu"), weights=None, log_fn=said.append)
     assert said == []  # the custom CNN has no pretrained weights to miss
+
+
+@needs_fmnist
+def test_lp_ft_leaves_the_backbone_untouched_while_probing_and_scales_its_learning_rate(tmp_path):
+    """--probe-epochs 1: after epoch 1 the backbone is where a linear probe (--freeze-backbone, same seed, so the
+    same starting weights) leaves it, i.e. untouched; after epoch 2 it has moved. --backbone-lr-scale puts the
+    backbone in its own AdamW groups at that share of the schedule's rate."""
+    import torch
+
+    from pipeline.models.registry import arch_spec, create_model
+    from pipeline.training.loop import param_groups
+
+    export_png_tree(tmp_path / "d", "test", every=50)  # 200 images
+    base = dict(arch="invsort_cnn", batch_size=32, image_size=(28, 28), in_chans=1, threads=1, patience=0,
+                policy="none", color_jitter=0.0, test_fraction=0.0, open_set_tpr=0, shift_calibration=False)
+    head = arch_spec("invsort_cnn").classifier_prefixes
+    snapshots: dict[str, list[dict]] = {"lpft": [], "probe": []}
+
+    def keep(name: str):
+        def log(line: str) -> None:
+            if line.startswith("epoch "):
+                ck = torch.load(tmp_path / f"{name}.pt.ckpt" / "last.pt", map_location="cpu", weights_only=True)
+                snapshots[name].append(ck["model"])
+        return log
+
+    train(tmp_path / "d", tmp_path / "lpft.pt", TrainConfig(**base, epochs=2, probe_epochs=1, backbone_lr_scale=0.1),
+          progress=False, log_fn=keep("lpft"))
+    train(tmp_path / "d", tmp_path / "probe.pt", TrainConfig(**base, epochs=1, freeze_backbone=True),
+          progress=False, log_fn=keep("probe"))
+
+    def backbone(sd: dict) -> dict:
+        return {k: v for k, v in sd.items() if not k.startswith(head) and v.dtype.is_floating_point
+                and "running" not in k}
+
+    (lp1, lp2), (probe1,) = snapshots["lpft"], snapshots["probe"]
+    assert backbone(lp1).keys() and all(torch.equal(v, backbone(probe1)[k]) for k, v in backbone(lp1).items())
+    assert any(not torch.equal(v, backbone(lp2)[k]) for k, v in backbone(lp1).items())  # epoch 2 trained it
+    model = create_model("invsort_cnn", num_classes=10, in_chans=1)
+    groups = param_groups(model, 0.05, head_prefixes=head, backbone_lr_scale=0.1)
+    assert {g["lr_scale"] for g in groups} == {1.0, 0.1}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert all(p.ndim > 1 for g in groups if g["weight_decay"] for p in g["params"])
+    with pytest.raises(ConfigError, match="probe_epochs must be in"):
+        TrainConfig(epochs=2, probe_epochs=2).validate()

@@ -416,6 +416,10 @@ def worker(concurrency: int, loglevel: str, hostname: str | None) -> None:
 @click.option("--patience", type=click.IntRange(min=0), default=None,
               help="Early stopping: epochs without a better validation loss (0 = off).")
 @click.option("--freeze-backbone", is_flag=True, default=None, help="Train the classifier only (a linear probe).")
+@click.option("--probe-epochs", type=click.IntRange(min=0), default=None,
+              help="LP-FT: the first N epochs train the classifier only, then everything (0 = off).")
+@click.option("--backbone-lr-scale", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="The pretrained backbone's learning rate as a share of the classifier's [1].")
 @click.option("--val-fraction", type=float, default=None, help="Share of each class for validation [0.1].")
 @click.option("--test-fraction", type=float, default=None,
               help="Share of each class held out for the test figures [0.1; a test/ folder wins].")

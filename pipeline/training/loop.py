@@ -162,7 +162,7 @@ def train_one_epoch(
         y = y.to(device, non_blocking=True)
         lr = lr_at(step, how.total_steps, how.warmup_steps, how.peak_lr)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         loss, logits = _step(model, opt, params, x, y, how, device)
         step += 1
         seen += len(y)
@@ -265,14 +265,23 @@ def mixed_precision(device: torch.device, enabled: bool) -> tuple[torch.dtype | 
     return None, None
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: weight decay on weights, none on biases and normalisation parameters (1-D)."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
+def param_groups(model: nn.Module, weight_decay: float, *, head_prefixes: tuple[str, ...] = (),
+                 backbone_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW parameter groups: weight decay on weights, none on biases and normalisation parameters (1-D).
+
+    With ``head_prefixes`` and ``backbone_lr_scale`` != 1, the parameters outside the classifier (the pretrained
+    backbone) get their own groups whose learning rate is ``backbone_lr_scale`` x the schedule's (``lr_scale``,
+    applied by :func:`train_one_epoch`): discriminative fine-tuning (Howard & Ruder 2018), which moves pretrained
+    features less. Groups with no parameters are left out.
+    """
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            backbone = backbone_lr_scale != 1.0 and bool(head_prefixes) and not name.startswith(head_prefixes)
+            groups.setdefault((backbone, p.ndim <= 1 or name.endswith(".bias")), []).append(p)
+    order = [(False, False), (False, True), (True, False), (True, True)]
+    return [{"params": groups[key], "weight_decay": 0.0 if key[1] else weight_decay,
+             "lr_scale": backbone_lr_scale if key[0] else 1.0} for key in order if key in groups]
 
 
 def track_validation(history: Sequence[dict]) -> tuple[dict[str, Any], bool, int]:
@@ -332,6 +341,10 @@ class FitPlan:
         mean, std: ``(1, C, 1, 1)`` float32 normalisation for validation (0..1 units).
         ckdir: where ``last.pt`` and ``best.pt`` go.
         meta: what every ``last.pt`` also holds (``config``, ``class_names``, ``data``).
+        probe_epochs: the first epochs train only the parameters whose names start with ``head_prefixes`` (a
+            linear probe), then everything (LP-FT: Kumar et al. 2022, "Fine-Tuning can Distort Pretrained
+            Features and Underperform Out-of-Distribution").
+        head_prefixes: the classifier's parameter-name prefixes.
     """
 
     epochs: int
@@ -344,6 +357,8 @@ class FitPlan:
     std: torch.Tensor
     ckdir: Path
     meta: dict[str, Any]
+    probe_epochs: int = 0
+    head_prefixes: tuple[str, ...] = ()
 
 
 def fit(
@@ -361,6 +376,10 @@ def fit(
     for epoch in range(state.epoch + 1, plan.epochs + 1):
         if state.stopped_early:
             break
+        if plan.probe_epochs and plan.head_prefixes:  # LP-FT: the backbone frozen for the first epochs
+            for name, p in model.named_parameters():
+                if not name.startswith(plan.head_prefixes):
+                    p.requires_grad_(epoch > plan.probe_epochs)
         order = epoch_order(train_set.labels, sampler=plan.sampler, seed=plan.seed, epoch=epoch)
         loader = epoch_loader(train_set, order, batch_size=plan.batch_size, workers=plan.workers, seed=plan.seed,
                               epoch=epoch, pin_memory=device.type == "cuda")

@@ -129,6 +129,8 @@ class TrainConfig:
     amp: bool = True  # mixed precision for the training steps: on CUDA bf16 where supported, else fp16 + GradScaler;
     # on a CPU with native bf16 (cpu_has_native_bf16) bf16 autocast. Validation, calibration and test stay float32.
     freeze_backbone: bool = False  # train the classifier only (a linear probe)
+    probe_epochs: int = 0  # LP-FT: the first epochs train the classifier only, then everything (Kumar et al. 2022)
+    backbone_lr_scale: float = 1.0  # the pretrained backbone's learning rate, as a share of the classifier's
     open_set_tpr: float = 0.95  # the open-set score's threshold keeps this fraction of validation rows; 0 = no score
     shift_calibration: bool = True  # the review threshold's promise must hold on the validation photos under the
     # robustness shifts too (pooled), not only on the photos as they are (pipeline.evaluation.shift_calibration)
@@ -137,6 +139,8 @@ class TrainConfig:
         """Raises ConfigError naming the first bad value and its valid range."""
         checks = [
             ("epochs", self.epochs >= 1, ">= 1"),
+            ("probe_epochs", 0 <= self.probe_epochs < max(2, self.epochs), "in [0, epochs)"),
+            ("backbone_lr_scale", 0 < self.backbone_lr_scale <= 1, "in (0, 1]"),
             ("batch_size", self.batch_size >= 2, ">= 2 (BatchNorm needs two images)"),
             ("lr", self.lr > 0, "> 0"),
             ("val_fraction", 0 <= self.val_fraction < 1, "in [0, 1)"),
@@ -395,7 +399,9 @@ def fit_model(
     """Step 5: AdamW, mixed precision, class balance and augmentation from the recipe, then the epoch loop
     (:func:`pipeline.training.loop.fit`), continuing from ``data.checkpoint`` when resuming."""
     cfg, k = data.cfg, len(data.class_names)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    head = arch_spec(cfg.arch).classifier_prefixes
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, head_prefixes=head,
+                                         backbone_lr_scale=cfg.backbone_lr_scale), lr=cfg.lr)
     amp_dtype, scaler = mixed_precision(device, cfg.amp)
     step_dtype = "float32" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
     counts = np.bincount(train_set.labels, minlength=k)
@@ -424,7 +430,8 @@ def fit_model(
            f"{step_dtype}{'' if amp_dtype is None else ' autocast'} steps")
     mean, std = inputs.tensors()
     plan = FitPlan(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, sampler=balance == "sampler",
-                   patience=cfg.patience, workers=workers, mean=mean, std=std, ckdir=ckdir, meta=meta)
+                   patience=cfg.patience, workers=workers, mean=mean, std=std, ckdir=ckdir, meta=meta,
+                   probe_epochs=0 if cfg.freeze_backbone else cfg.probe_epochs, head_prefixes=head)
     fit(model, opt, AugmentedImages(train_set.images, train_set.labels, transform), (val_set.images, val_set.labels),
         plan=plan, how=how, state=state, device=device, log_fn=log_fn, progress=progress)
     return Fitted(state, balance, step_dtype)
