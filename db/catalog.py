@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, TypedDict, cast
 
-from sqlalchemy import CursorResult, Result, Table, func, literal, select, update
+from sqlalchemy import CursorResult, Result, Select, Table, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from db.models import CatalogItem, SortingJob, SortingJobBatch, UTCDateTime
 from pipeline.errors import InvsortError
-from pipeline.records import ItemResult, printable
+from pipeline.records import REVIEWED, ItemResult, printable
 
 __all__ = [
     "CatalogRow",
@@ -39,6 +39,7 @@ __all__ = [
     "create_job",
     "fail_job",
     "finish_listing",
+    "get_item",
     "get_job",
     "iter_items",
     "list_jobs",
@@ -105,7 +106,9 @@ class JobStatus:
 
 @dataclass(frozen=True, slots=True)
 class CatalogRow:
-    """One ``catalog_items`` row as read back: an :class:`ItemResult` plus when it was written."""
+    """One ``catalog_items`` row as read back: an :class:`ItemResult` plus when it was written and, on a
+    ``reviewed`` row (:mod:`db.reviews`), the model's prediction the human decided on and who decided when
+    (``category`` is then the human's, null for "not a product / unknown", and ``confidence`` null)."""
 
     item_id: str
     image_uri: str
@@ -118,6 +121,10 @@ class CatalogRow:
     model_version: str | None
     job_id: str | None
     updated_at: datetime
+    model_category: str | None = None
+    model_confidence: float | None = None
+    reviewed_by: str | None = None
+    reviewed_at: datetime | None = None
 
     def to_result(self) -> ItemResult:
         """The row as the :class:`ItemResult` that was written (without ``updated_at``)."""
@@ -147,15 +154,21 @@ def _insert(session: Session, table: Table) -> postgresql.Insert | sqlite.Insert
     raise InvsortError(f"unsupported database dialect {name!r}: use SQLite or PostgreSQL")
 
 
-# Columns written by upsert_items: ItemResult's fields, in their order, then item_id_full and updated_at.
-# _row_values builds its tuples from the same list, so the two cannot drift apart (tests/test_db.py checks that
-# they are every column of the table).
-_UPSERT_COLUMNS = (*_RESULT_FIELDS, "item_id_full", "updated_at")
+# Columns written by upsert_items: ItemResult's fields, in their order, then item_id_full, the review columns
+# (null: a sort's row is nobody's decision) and updated_at. _row_values builds its tuples from the same list, so
+# the two cannot drift apart (tests/test_db.py checks that they are every column of the table).
+_REVIEW_COLUMNS = ("model_category", "model_confidence", "reviewed_by", "reviewed_at")
+_NO_REVIEW = (None,) * len(_REVIEW_COLUMNS)
+_UPSERT_COLUMNS = (*_RESULT_FIELDS, "item_id_full", *_REVIEW_COLUMNS, "updated_at")
 _result_values = operator.attrgetter(*_RESULT_FIELDS)  # one C-level call per row for the whole tuple
 _TOPK = _RESULT_FIELDS.index("topk")  # the one field stored as JSON text
 _AT = {name: i for i, name in enumerate(_UPSERT_COLUMNS)}
 _COLUMN_LIST = ", ".join(_UPSERT_COLUMNS)
-_SET_ALL = ", ".join(f"{name} = excluded.{name}" for name in _UPSERT_COLUMNS if name != "item_id")
+# Human decisions win: a reviewed row is never overwritten by a sort (its conflict updates nothing).
+_SET_ALL = (
+    ", ".join(f"{name} = excluded.{name}" for name in _UPSERT_COLUMNS if name != "item_id")
+    + f" WHERE catalog_items.status <> '{REVIEWED}'"
+)
 
 _SQLITE_UPSERT = (
     f"INSERT INTO catalog_items ({_COLUMN_LIST}) VALUES ({', '.join('?' * len(_UPSERT_COLUMNS))}) "
@@ -235,17 +248,18 @@ def _row_values(rows: Sequence[ItemResult], updated_at: Any) -> dict[str, tuple[
         v = _result_values(r)
         item_id = v[0]
         if len(item_id) <= KEY_MAX_BYTES // 4:  # nearly every id: its own key, whatever its characters
-            by_id[item_id] = (*v[:_TOPK], dumps(v[_TOPK]), *v[_TOPK + 1 :], None, updated_at)
+            by_id[item_id] = (*v[:_TOPK], dumps(v[_TOPK]), *v[_TOPK + 1 :], None, *_NO_REVIEW, updated_at)
             continue
         key = catalog_key(item_id)
         full = None if key == item_id else item_id
-        by_id[item_id] = (key, *v[1:_TOPK], dumps(v[_TOPK]), *v[_TOPK + 1 :], full, updated_at)
+        by_id[item_id] = (key, *v[1:_TOPK], dumps(v[_TOPK]), *v[_TOPK + 1 :], full, *_NO_REVIEW, updated_at)
     return by_id
 
 
-def _writer(connection: Connection) -> tuple[Callable[[list[tuple[Any, ...]]], object], Any]:
-    """``(write, updated_at)``: the batched upsert of value tuples on the connection's database, and now (UTC)
-    as ``write`` takes it.
+def _writer(connection: Connection) -> tuple[Callable[[list[tuple[Any, ...]]], int], Any]:
+    """``(write, updated_at)``: the batched upsert of value tuples on the connection's database (it returns how
+    many rows it inserted or replaced: a reviewed row it left alone is not one), and now (UTC) as ``write``
+    takes it.
 
     Raises:
         InvsortError: not SQLite, or PostgreSQL without psycopg 3.
@@ -255,7 +269,7 @@ def _writer(connection: Connection) -> tuple[Callable[[list[tuple[Any, ...]]], o
     if dialect.name == "sqlite":
         # Stored as SQLAlchemy stores it (UTC text), converted once for the whole call.
         process = _items.c.updated_at.type.dialect_impl(dialect).bind_processor(dialect)
-        return functools.partial(connection.exec_driver_sql, _SQLITE_UPSERT), process(now) if process else now
+        return functools.partial(_sqlite_write, connection), process(now) if process else now
     if dialect.name != "postgresql":
         raise InvsortError(f"unsupported database dialect {dialect.name!r}: use SQLite or PostgreSQL")
     if dialect.driver != "psycopg":
@@ -263,8 +277,15 @@ def _writer(connection: Connection) -> tuple[Callable[[list[tuple[Any, ...]]], o
     return functools.partial(_pg_write, connection), now
 
 
-def _pg_write(connection: Connection, values: list[tuple[Any, ...]]) -> None:
-    """COPY ``values`` into the connection's staging table and merge them into ``catalog_items``."""
+def _sqlite_write(connection: Connection, values: list[tuple[Any, ...]]) -> int:
+    """Upsert ``values`` with one prepared statement; returns the rows inserted or replaced (sqlite3 sums the
+    changes of every execution, and a conflict whose update is skipped changes nothing)."""
+    return connection.exec_driver_sql(_SQLITE_UPSERT, values).rowcount
+
+
+def _pg_write(connection: Connection, values: list[tuple[Any, ...]]) -> int:
+    """COPY ``values`` into the connection's staging table and merge them into ``catalog_items``; returns the
+    rows the merge inserted or replaced."""
     dialect = connection.dialect
     sql = _pg_staging()
     dbapi_error = dialect.loaded_dbapi.Error
@@ -277,7 +298,7 @@ def _pg_write(connection: Connection, values: list[tuple[Any, ...]]) -> None:
     except dbapi_error as exc:
         # Straight from the driver: wrap it as SQLAlchemy would have (DataError, OperationalError, ...).
         raise DBAPIError.instance(sql.copy, None, exc, dbapi_error, dialect=dialect) from exc
-    connection.exec_driver_sql(sql.merge)
+    return connection.exec_driver_sql(sql.merge).rowcount
 
 
 def _refusal(exc: Exception) -> str | None:
@@ -295,13 +316,15 @@ def _refusal(exc: Exception) -> str | None:
 
 
 def _write_or_refuse(
-    session: Session, write: Callable[[list[tuple[Any, ...]]], object], values: list[tuple[Any, ...]]
-) -> list[tuple[tuple[Any, ...], str]]:
+    session: Session, write: Callable[[list[tuple[Any, ...]]], int], values: list[tuple[Any, ...]]
+) -> tuple[int, list[tuple[tuple[Any, ...], str]]]:
     """Write ``values`` in one batch inside a savepoint; if the database refuses it, find the rows it refuses by
-    halving (each half in a savepoint of its own) and write the rest. Returns the refused rows, each with why.
+    halving (each half in a savepoint of its own) and write the rest. Returns how many rows were inserted or
+    replaced, and the refused rows, each with why.
 
     Raises what :func:`_refusal` does not recognise as a refusal of the data.
     """
+    written = 0
     refused: list[tuple[tuple[Any, ...], str]] = []
     pending = [values]
     while pending:
@@ -309,7 +332,8 @@ def _write_or_refuse(
         try:
             with session.begin_nested():
                 session.connection(bind_arguments={"mapper": CatalogItem})  # emits the SAVEPOINT (it is lazy)
-                write(chunk)
+                n = write(chunk)
+            written += n
             continue
         except (DBAPIError, UnicodeEncodeError) as exc:
             reason = _refusal(exc)
@@ -319,7 +343,7 @@ def _write_or_refuse(
             refused.append((chunk[0], reason))
         else:
             pending += [chunk[len(chunk) // 2 :], chunk[: len(chunk) // 2]]
-    return refused
+    return written, refused
 
 
 def _failed_value(value: tuple[Any, ...], item_id: str, reason: str) -> tuple[Any, ...]:
@@ -338,17 +362,18 @@ def _failed_value(value: tuple[Any, ...], item_id: str, reason: str) -> tuple[An
 
 def _fail_refused(
     session: Session,
-    write: Callable[[list[tuple[Any, ...]]], object],
+    write: Callable[[list[tuple[Any, ...]]], int],
     rows: Sequence[ItemResult],
     by_id: dict[str, tuple[Any, ...]],
     refused: list[tuple[tuple[Any, ...], str]],
 ) -> int:
     """Write a ``failed`` row for each refused one, change the refused :class:`ItemResult` objects of ``rows`` in
-    place to what was written, and return how many items have no row at all (refused as failed rows too)."""
+    place to what was written, and return how many ``failed`` rows were inserted or replaced (not those refused
+    as failed rows too, nor reviewed rows left alone)."""
     key_of = {id(value): item_id for item_id, value in by_id.items()}
     reasons = {key_of[id(value)]: reason for value, reason in refused}
     failed = {item_id: _failed_value(by_id[item_id], item_id, reason) for item_id, reason in reasons.items()}
-    lost = _write_or_refuse(session, write, list(failed.values()))
+    written, lost = _write_or_refuse(session, write, list(failed.values()))
     for value, why in lost:
         log.error("catalog row of item %r not written, even as a failed row: %s", value[0], why)
     for item_id, reason in reasons.items():
@@ -357,16 +382,22 @@ def _fail_refused(
         if r.item_id in failed:
             r.status, r.category, r.confidence, r.topk = "failed", None, None, []
             r.error = failed[r.item_id][_AT["error"]]
-    return len(lost)
+    return written
 
 
 def upsert_items(*, session: Session, rows: Sequence[ItemResult]) -> int:
     """Insert or replace the catalog rows of ``rows``, keyed by ``item_id``, with one batched write.
 
-    ``INSERT ... ON CONFLICT (item_id) DO UPDATE`` sets every column of an existing row to the new values,
-    with one ``updated_at`` (now, UTC) for the whole call. If ``rows`` names an item more than once, its last
-    result wins. Runs in the caller's transaction and does not commit; an empty ``rows`` does nothing. An id too
-    long for the key column is stored under its :func:`catalog_key`, the whole id in ``item_id_full``.
+    ``INSERT ... ON CONFLICT (item_id) DO UPDATE`` sets every column of an existing row to the new values
+    (the review columns to null), with one ``updated_at`` (now, UTC) for the whole call. If ``rows`` names an
+    item more than once, its last result wins. Runs in the caller's transaction and does not commit; an empty
+    ``rows`` does nothing. An id too long for the key column is stored under its :func:`catalog_key`, the whole
+    id in ``item_id_full``.
+
+    Human decisions win: a row whose status is ``reviewed`` (:mod:`db.reviews`) is left entirely as it is, its
+    ``updated_at`` and ``job_id`` included (``ON CONFLICT ... DO UPDATE ... WHERE status <> 'reviewed'``, so on
+    PostgreSQL a sort that meets a decision being committed waits for it and then leaves the row alone). The
+    :class:`ItemResult` of such an item keeps what the sort found: a job's counters count what its sort found.
 
     On PostgreSQL (psycopg 3) the rows are sent with ``COPY`` into a temporary staging table of the session's
     connection (created on first use, emptied at commit; needs the ``TEMPORARY`` privilege, which PostgreSQL
@@ -384,7 +415,9 @@ def upsert_items(*, session: Session, rows: Sequence[ItemResult]) -> int:
     table. A row refused even then is left out and logged.
 
     Returns:
-        The number of distinct items written.
+        The number of distinct items whose row this call inserted or replaced (a refused row written as
+        ``failed`` included); reviewed rows left as they were and rows refused even as ``failed`` are not
+        counted.
 
     Raises:
         InvsortError: the session is not bound to SQLite or PostgreSQL with psycopg 3.
@@ -396,10 +429,10 @@ def upsert_items(*, session: Session, rows: Sequence[ItemResult]) -> int:
     connection = session.connection(bind_arguments={"mapper": CatalogItem})
     write, updated_at = _writer(connection)
     by_id = _row_values(rows, updated_at)
-    refused = _write_or_refuse(session, write, list(by_id.values()))
+    written, refused = _write_or_refuse(session, write, list(by_id.values()))
     if not refused:
-        return len(by_id)
-    return len(by_id) - _fail_refused(session, write, rows, by_id, refused)
+        return written
+    return written + _fail_refused(session, write, rows, by_id, refused)
 
 
 def create_job(
@@ -609,21 +642,41 @@ def list_jobs(*, session: Session, limit: int = 20) -> list[JobStatus]:
     return [_job_status(row) for row in rows]
 
 
-def iter_items(*, session: Session, job_id: str | None = None, chunk: int = 1000) -> Iterator[CatalogRow]:
-    """Stream catalog rows ordered by ``item_id``, all of them or those last written by ``job_id``.
+def _select_rows() -> Select[Any]:
+    """``SELECT`` of :class:`CatalogRow`'s columns in its order, ``item_id`` the whole id."""
+    whole_id = func.coalesce(_items.c.item_id_full, _items.c.item_id)
+    return select(*(whole_id if name == "item_id" else _items.c[name] for name in _ROW_FIELDS))
+
+
+def get_item(*, session: Session, item_id: str) -> CatalogRow | None:
+    """The catalog row of one item (its whole id; a long one is looked up under its :func:`catalog_key`).
+
+    Returns:
+        A :class:`CatalogRow`, or None if the catalog has no row for ``item_id``.
+    """
+    row = session.execute(_select_rows().where(_items.c.item_id == catalog_key(item_id))).first()
+    return None if row is None else CatalogRow(*row)
+
+
+def iter_items(
+    *, session: Session, job_id: str | None = None, chunk: int = 1000, status: str | None = None
+) -> Iterator[CatalogRow]:
+    """Stream catalog rows ordered by ``item_id``: all of them, or those last written by ``job_id``, or those
+    with ``status`` (e.g. ``reviewed``: the human decisions, for a training manifest), or both.
 
     Rows are fetched ``chunk`` at a time (a server-side cursor on PostgreSQL), so memory stays flat for
-    exports of any size. Consume the iterator inside the session's transaction.
+    exports of any size. Consume the iterator inside the session's transaction. A reviewed row keeps the
+    ``job_id`` of the sort it was reviewed after.
 
     Yields:
         One :class:`CatalogRow` per catalog item, its ``item_id`` the whole id (``item_id_full`` for a row
         stored under a derived key, :func:`catalog_key`).
     """
-    whole_id = func.coalesce(_items.c.item_id_full, _items.c.item_id)
-    stmt = select(*(whole_id if name == "item_id" else _items.c[name] for name in _ROW_FIELDS))
-    stmt = stmt.order_by(_items.c.item_id)
+    stmt = _select_rows().order_by(_items.c.item_id)
     if job_id is not None:
         stmt = stmt.where(_items.c.job_id == job_id)
+    if status is not None:
+        stmt = stmt.where(_items.c.status == status)
     result = session.execute(stmt.execution_options(yield_per=chunk))
     try:
         for row in result:

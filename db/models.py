@@ -1,4 +1,5 @@
-"""SQLAlchemy models of the catalog database: catalogued items, sorting jobs and the batches of each job.
+"""SQLAlchemy models of the catalog database: catalogued items, sorting jobs, the batches of each job, leases and
+the log of human review decisions.
 
 The schema itself is created by the Alembic migrations in ``migrations/versions``; these models must match
 them (``tests/test_migrations.py`` checks it with Alembic's autogenerate comparison).
@@ -33,6 +34,10 @@ TERMINAL_JOB_STATUSES: tuple[str, ...] = ("done", "failed", "cancelled")
 #: A batch of a queued job: ``queued`` (enqueued, not started), ``running`` (a worker holds it), then ``done``,
 #: ``failed`` (given up: its items are ``failed`` rows) or ``cancelled`` (its job was cancelled before it ran).
 BATCH_STATES: tuple[str, ...] = ("queued", "running", "done", "failed", "cancelled")
+#: What a decision in ``reviews`` did: ``review`` (a human's category, :func:`db.reviews.record_review`),
+#: ``accept`` (the model's top-1 accepted, :func:`db.reviews.accept_top1`) or ``undo`` (an earlier one undone).
+REVIEW_ACTIONS: tuple[str, ...] = ("review", "accept", "undo")
+REVIEW_QUEUE_WHERE = "status = 'needs_review'"
 
 # Deterministic constraint and index names, so that migrations (and SQLite batch mode) can refer to them.
 NAMING_CONVENTION = {
@@ -81,10 +86,14 @@ class Base(DeclarativeBase):
 
 
 class CatalogItem(Base):
-    """One catalogued item: the latest result of sorting its photo (one row per ``item_id``).
+    """One catalogued item: the latest result of sorting its photo (one row per ``item_id``), or a human's
+    decision on it.
 
     ``item_id`` is the item's id, or for an id longer than 1,024 characters or 2,048 UTF-8 bytes a key derived
     from it (:func:`db.catalog.catalog_key`), with the whole id in ``item_id_full`` (null for every other row).
+    A ``reviewed`` row (:mod:`db.reviews`) has the human's ``category`` (null: not a product / unknown), no
+    ``confidence``, the model's top-1 and its probability in ``model_category`` / ``model_confidence``, and
+    ``reviewed_by`` / ``reviewed_at``; a sort never overwrites it. On every other row those four are null.
     """
 
     __tablename__ = "catalog_items"
@@ -103,11 +112,19 @@ class CatalogItem(Base):
     # job_id alone would only slow every upsert down.
     job_id: Mapped[str | None] = mapped_column(String(36))
     updated_at: Mapped[datetime]
+    model_category: Mapped[str | None] = mapped_column(String(255))
+    model_confidence: Mapped[float | None] = mapped_column(Float)
+    reviewed_by: Mapped[str | None] = mapped_column(String(255))
+    reviewed_at: Mapped[datetime | None]
 
     __table_args__ = (
         CheckConstraint(_in_list("status", STATUSES), name="status"),
         Index(None, "job_id", "status"),
         Index(None, "category"),
+        # The review queue (least confident first, keyset-paginated): only needs_review rows are in it, so
+        # sorted rows cost their upserts nothing.
+        Index("ix_catalog_items_review_queue", "confidence", "item_id",
+              postgresql_where=text(REVIEW_QUEUE_WHERE), sqlite_where=text(REVIEW_QUEUE_WHERE)),
     )
 
 
@@ -182,3 +199,39 @@ class Lease(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(255))
     expires_at: Mapped[datetime]
+
+
+class Review(Base):
+    """One human decision on a catalog item, appended to an append-only log (:mod:`db.reviews`).
+
+    ``item_id`` is the item's ``catalog_items`` key. ``category`` is what the decision set (null: not a product
+    / unknown; for an ``undo``, what the row got back). ``model_name`` / ``model_version`` / ``model_category`` /
+    ``model_confidence`` are the model's prediction the decision corrected or confirmed. ``previous_*`` is the
+    row as it was before (what an undo restores). ``undone_at`` marks a decision undone later, and an ``undo``
+    entry names the decision it undid in ``undoes``.
+    """
+
+    __tablename__ = "reviews"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    item_id: Mapped[str] = mapped_column(String(1024))
+    action: Mapped[str] = mapped_column(String(16))
+    category: Mapped[str | None] = mapped_column(String(255))
+    reviewer: Mapped[str] = mapped_column(String(255))
+    decided_at: Mapped[datetime]
+    model_name: Mapped[str | None] = mapped_column(String(255))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    model_category: Mapped[str | None] = mapped_column(String(255))
+    model_confidence: Mapped[float | None] = mapped_column(Float)
+    previous_status: Mapped[str] = mapped_column(String(16))
+    previous_category: Mapped[str | None] = mapped_column(String(255))
+    previous_reviewed_by: Mapped[str | None] = mapped_column(String(255))
+    previous_reviewed_at: Mapped[datetime | None]
+    undone_at: Mapped[datetime | None]
+    undoes: Mapped[int | None] = mapped_column(Integer)
+
+    __table_args__ = (
+        CheckConstraint(_in_list("action", REVIEW_ACTIONS), name="action"),
+        Index(None, "item_id"),
+        Index(None, "decided_at"),
+    )

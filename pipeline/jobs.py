@@ -183,7 +183,8 @@ def run_batch(job_id: str, batch_no: int, *, settings: Settings, worker: str | N
         BatchBusy: another live worker holds the batch; deliver it again later.
         JobNotFoundError: the batch has no row.
         crash_exceptions: raised by the caller's watchdog (a soft time limit): the batch is left as if its
-            worker had died, so that its next delivery runs it item by item.
+            worker had died, so that its next delivery runs it item by item. So is it after a ``SystemExit`` or
+            ``KeyboardInterrupt`` (Celery's hard time limit terminates the process).
         TransientError, sqlalchemy.exc.OperationalError, ...: this attempt failed; the batch was given back
             (``queued``, with the error) where the database allowed, to be retried.
     """
@@ -218,7 +219,7 @@ def run_batch(job_id: str, batch_no: int, *, settings: Settings, worker: str | N
         error = f"{type(exc).__name__}: {exc}"
         try:
             with session_scope(url) as session:
-                if isinstance(exc, crash_exceptions):
+                if isinstance(exc, crash_exceptions) or not isinstance(exc, Exception):  # a time limit, SIGTERM
                     abandon_batch(session=session, job_id=job_id, batch_no=batch_no, worker=worker, error=error)
                 else:
                     release_batch(session=session, job_id=job_id, batch_no=batch_no, worker=worker, error=error)

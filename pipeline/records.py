@@ -6,8 +6,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+#: What a sort makes of an item (the status of an :class:`ItemResult`).
 Status = Literal["sorted", "needs_review", "failed"]
-STATUSES: tuple[Status, ...] = ("sorted", "needs_review", "failed")
+SORT_STATUSES: tuple[Status, ...] = ("sorted", "needs_review", "failed")
+#: A catalog row a human has decided on (:mod:`db.reviews`): never produced by a sort, never overwritten by one.
+REVIEWED = "reviewed"
+#: Every status a ``catalog_items`` row can have: a sort's, or ``reviewed``.
+STATUSES: tuple[str, ...] = (*SORT_STATUSES, REVIEWED)
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 

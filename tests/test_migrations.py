@@ -13,7 +13,7 @@ from db.models import Base
 from db.session import dispose_engines, get_engine, session_scope, sqlite_path
 from pipeline.errors import ConfigError
 
-TABLES = {"catalog_items", "sorting_jobs", "sorting_job_batches", "leases"}
+TABLES = {"catalog_items", "sorting_jobs", "sorting_job_batches", "leases", "reviews"}
 
 
 def _schema_diff(url: str, metadata: MetaData = Base.metadata) -> list:

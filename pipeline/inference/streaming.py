@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -232,7 +232,7 @@ def run_pipeline(
         on_batch(rows)
         summary.add(rows)
 
-    with ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="invsort-decode") as pool:
+    with _decode_pool(decode_threads) as pool:
 
         def submit_next() -> bool:
             nonlocal source_error
@@ -273,6 +273,20 @@ def run_pipeline(
     if source_error is not None:
         raise source_error
     return summary
+
+
+@contextmanager
+def _decode_pool(threads: int) -> Iterator[ThreadPoolExecutor]:
+    """The decode threads of one :func:`run_pipeline` call. When the call ends in an error (a task's time limit
+    among them) the pool is shut down without waiting: a decode thread stuck in a native decoder must not hold the
+    error up (it would hang the caller until a hard kill)."""
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="invsort-decode")
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 @dataclass(frozen=True, slots=True)
