@@ -4,6 +4,8 @@
 - :func:`sort_batch` — sort a list of items and record them as one batch of a job (a task from before batches
   were stored; stored batches run through :func:`pipeline.jobs.run_batch`).
 - :func:`submit_job` — create the job row, commit, then list the source, store its batches and enqueue them.
+- :func:`classify_images` — classify photos given as bytes, writing nothing (``invsort classify``, the HTTP API's
+  ``POST /v1/classify``).
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import logging
 import os
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import IO
 
 import torch
 
@@ -32,12 +35,13 @@ from db.catalog import (
     upsert_items,
 )
 from db.jobs import add_batches, task_id_for
+from db.models import TERMINAL_JOB_STATUSES
 from db.session import session_scope
 from pipeline.errors import ModelVersionError, SourceError
 from pipeline.inference.predictor import Predictor, PredictorOptions
 from pipeline.inference.streaming import Summary, run_pipeline
 from pipeline.io.sources import iter_source
-from pipeline.io.storage import ObjectReader, local_path, make_reader
+from pipeline.io.storage import ObjectReader, TooLargeError, local_path, make_reader
 from pipeline.models.fileversion import Fingerprint, model_file_fingerprint
 from pipeline.models.modelfile import load_model_file
 from pipeline.records import Item, ItemResult, printable
@@ -141,6 +145,11 @@ class SortOutcome:
     summary: Summary
 
 
+class JobEndedError(JobStateError):
+    """An embedded job was ended from outside while it ran (``invsort jobs cancel``, the HTTP API's cancel, or a
+    server that stopped): it stopped after the batch in progress, whose rows are kept."""
+
+
 def sort_source(
     source: str,
     *,
@@ -148,26 +157,40 @@ def sort_source(
     model_spec: str | None = None,
     limit: int | None = None,
     on_progress: Callable[[list[ItemResult]], None] | None = None,
+    on_job: Callable[[str], None] | None = None,
+    allow_source_root: bool = True,
 ) -> SortOutcome:
     """Embedded mode: sort every image of ``source`` in this process into ``settings.database_url``.
 
     The job is recorded in ``sorting_jobs`` like a queued one, so ``invsort status`` shows it too.
-    Each batch's rows and the job's counters are written in one transaction.
+    Each batch's rows and the job's counters are written in one transaction. After each batch the job's status is
+    read again: a job cancelled (or failed) meanwhile stops there.
+
+    Args:
+        source: a local folder, ``file://DIR``, ``s3://bucket/prefix`` or a manifest.
+        on_progress: called with each batch's rows after they are committed.
+        on_job: called with the job's id once its row is committed (before any image is read).
+        allow_source_root: the local folder ``source`` names (a manifest's folder) may be read even when it is not
+            in ``INVSORT_LOCAL_ROOTS`` (the command line); False: only the configured roots (the HTTP API).
 
     Raises:
-        SourceError, FileNotFoundError, PermissionError: the source cannot be listed.
+        SourceError, FileNotFoundError, PermissionError: the source cannot be listed (a local source that is
+            missing or outside the allowed folders: before the job row is made).
         ModelFileError: the model file is not usable.
+        JobEndedError: the job was cancelled or failed from outside while it ran.
     """
-    reader = make_reader(settings, extra_roots=source_roots(source))
+    reader = make_reader(settings, extra_roots=source_roots(source) if allow_source_root else ())
     predictor = get_predictor(settings, model_spec, reader=reader)
     mf = predictor.model_file
     url = settings.database_url
+    items: Iterator[Item] = iter_source(source, reader)  # local checks (roots, existence) happen here
+    if limit is not None:
+        items = islice(items, limit)
     with session_scope(url) as session:
         job_id = create_job(session=session, source=printable(source), model_path=model_spec or settings.model_path,
                             model_name=mf.name, model_version=mf.version)
-    items: Iterator[Item] = iter_source(source, reader)
-    if limit is not None:
-        items = islice(items, limit)
+    if on_job:
+        on_job(job_id)
     batch_no = 0
 
     def write(rows: list[ItemResult]) -> None:
@@ -175,9 +198,13 @@ def sort_source(
         with session_scope(url) as session:
             upsert_items(session=session, rows=rows)
             record_batch(session=session, job_id=job_id, batch_no=batch_no, **count_statuses(rows))
+            job = get_job(session=session, job_id=job_id)
         batch_no += 1
         if on_progress:
             on_progress(rows)
+        if job is not None and job.status in TERMINAL_JOB_STATUSES:
+            raise JobEndedError(f"job {job_id} was {job.status} while it ran: it stopped after {job.processed} "
+                                "images, whose rows are kept")
 
     try:
         summary = run_pipeline(
@@ -200,6 +227,70 @@ def count_statuses(rows: Iterable[ItemResult]) -> StatusCounts:
     """``{"sorted_count": n, "needs_review_count": n, "failed_count": n}`` of ``rows``."""
     c = Counter(r.status for r in rows)
     return StatusCounts(sorted_count=c["sorted"], needs_review_count=c["needs_review"], failed_count=c["failed"])
+
+
+_HELD = "held:"  # the URIs classify_images gives the photos it holds: held:0, held:1, ...
+
+
+class _HeldImages:
+    """The reader :func:`classify_images` gives :func:`run_pipeline`: photo ``i`` of ``images`` is ``held:i``."""
+
+    def __init__(self, images: Sequence[tuple[str, bytes | IO[bytes]]], max_bytes: int) -> None:
+        self.images, self.max_bytes = images, max_bytes
+
+    def read(self, uri: str) -> bytes:
+        """The photo's bytes. Raises TooLargeError: more than ``max_bytes`` (``INVSORT_MAX_IMAGE_BYTES``)."""
+        data = self.images[int(uri.removeprefix(_HELD))][1]
+        if not isinstance(data, bytes):
+            data.seek(0)
+            data = data.read(self.max_bytes + 1)
+        if len(data) > self.max_bytes:
+            raise TooLargeError(f"file is more than the limit of {self.max_bytes} bytes (INVSORT_MAX_IMAGE_BYTES)")
+        return data
+
+
+def classify_images(
+    images: Sequence[tuple[str, bytes | IO[bytes]]],
+    *,
+    settings: Settings,
+    model_spec: str | None = None,
+) -> list[ItemResult]:
+    """Classify photos the caller holds, in order, writing nothing: ``invsort classify`` and ``POST /v1/classify``.
+
+    Every photo takes the path a sorted one takes (:func:`run_pipeline`): refused above ``settings.max_image_bytes``,
+    its header checked against ``settings.max_image_pixels`` before anything is decoded, decoded, resized to the
+    model's input, scored in batches of ``settings.batch_size`` by the process's predictor (:func:`get_predictor`,
+    the one ``invsort sort`` uses) with the model's review threshold and open-set score. So a photo gets the
+    category, confidence and status that ``invsort sort`` gives the same file.
+
+    Args:
+        images: ``(name, data)`` pairs; ``data`` is the encoded file: bytes, or a binary file open for reading
+            (read from its start, at most ``settings.max_image_bytes + 1`` bytes, in a decode thread).
+        settings: the model path (when ``model_spec`` is None), limits, batch size and decode threads.
+        model_spec: a local path, an ``s3://`` URI or ``bundled:NAME``.
+
+    Returns:
+        One :class:`ItemResult` per photo, in the order given: ``item_id`` and ``image_uri`` are its name;
+        ``status`` ``sorted`` or ``needs_review`` with ``category``, ``confidence`` (0..1) and ``topk`` (up to 5
+        ``[category, probability]``, best first), or ``failed`` with the reason in ``error`` (an empty file, not an
+        image, truncated, too small, too many pixels, too many bytes): a bad photo fails alone. ``job_id`` is None.
+
+    Raises:
+        ModelFileError, FileNotFoundError, PermissionError, OSError: the model file is not usable or readable.
+        ConfigError: ``settings`` ask for something this machine cannot do.
+    """
+    if not images:
+        return []
+    predictor = get_predictor(settings, model_spec)
+    items = [Item(item_id=name, uri=f"{_HELD}{i}") for i, (name, _) in enumerate(images)]
+    rows: list[ItemResult] = []
+    run_pipeline(items, predictor=predictor, reader=_HeldImages(images, settings.max_image_bytes),
+                 on_batch=rows.extend, batch_size=settings.batch_size,
+                 decode_threads=min(settings.decode_threads, len(images)), max_pixels=settings.max_image_pixels,
+                 decode_memory_bytes=settings.decode_memory_bytes)
+    for row, item in zip(rows, items, strict=True):
+        row.image_uri = item.item_id
+    return rows
 
 
 def sort_batch(
@@ -240,6 +331,8 @@ def submit_job(
     model_spec: str,
     enqueue: Callable[[str, int, str], None],
     limit: int | None = None,
+    on_job: Callable[[str], None] | None = None,
+    allow_source_root: bool = True,
 ) -> tuple[str, int, int]:
     """Create the job row and commit it, then list ``source``, store its batches and enqueue their tasks.
 
@@ -247,19 +340,26 @@ def submit_job(
     (:func:`db.jobs.add_batches`, ``queued``, with their ids and URIs) and committed, then
     ``enqueue(job_id, batch_no, task_id)`` is called for each: a task names a batch the database holds, and
     a task that the queue loses is found and enqueued again by the reconciler (:mod:`pipeline.jobs`).
+    ``on_job(job_id)`` is called once the job row is committed; ``allow_source_root`` as for :func:`sort_source`.
     Returns ``(job_id, total_items, total_batches)``.
 
     Raises:
-        SourceError, FileNotFoundError, PermissionError: the source cannot be listed (the job is marked failed).
+        SourceError, FileNotFoundError, PermissionError: the source cannot be listed (a local source that is
+            missing or outside the allowed folders: before the job row is made; else the job is marked failed).
         ModelFileError: the model file is not usable (checked before anything is enqueued).
         JobStateError: the job was cancelled while it was being listed (listing stops).
     """
-    reader = make_reader(settings, extra_roots=source_roots(source))
+    reader = make_reader(settings, extra_roots=source_roots(source) if allow_source_root else ())
     mf = load_model_file(model_spec, reader=reader)  # refuse a bad model before any task is queued
+    items = iter_source(source, reader)  # local checks (roots, existence) happen here, S3 ones while listing
+    if limit is not None:
+        items = islice(items, limit)
     with session_scope(settings.database_url) as session:
         job_id = create_job(session=session, source=printable(source), model_path=model_spec, model_name=mf.name,
                             model_version=mf.version)
     del mf
+    if on_job:
+        on_job(job_id)
     total = batches = 0
     pending: list[tuple[int, list[list[str]]]] = []
 
@@ -275,9 +375,6 @@ def submit_job(
         pending.clear()
 
     try:
-        items = iter_source(source, reader)
-        if limit is not None:
-            items = islice(items, limit)
         while chunk := list(islice(items, settings.items_per_task)):
             pending.append((batches, [[it.item_id, it.uri] for it in chunk]))
             total += len(chunk)

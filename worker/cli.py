@@ -364,8 +364,82 @@ def results(database_url: str | None, job_id: str | None, limit: int, as_csv: bo
             return
         for r in rows:
             conf = "" if r.confidence is None else f"{r.confidence:.3f}"
-            what = r.category if r.status != "failed" else f"FAILED: {r.error}"
+            what = (r.category or "-") if r.status != "failed" else f"FAILED: {r.error}"
             click.echo(f"{r.status:<12} {conf:>5}  {what:<24} {r.item_id}")
+
+
+CLASSIFY_CHUNK = 256  # photos open at once in 'invsort classify'
+
+
+@main.command()
+@click.argument("photos", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("--model", "model", default=None, help="Model file: path, s3:// URI or bundled:NAME "
+              "[default: INVSORT_MODEL_PATH, else the bundled Fashion-MNIST model].")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a photo, as POST /v1/classify answers.")
+@_handle_errors
+def classify(photos: tuple[str, ...], model: str | None, as_json: bool) -> None:
+    """Classify PHOTOS in this process and print each one's status, confidence and category; nothing is written
+    to the catalog (the function behind POST /v1/classify). A photo that cannot be read is FAILED with why.
+
+    \b
+    Example:
+      invsort classify examples/images/Bag/test_02000.png --json
+    """
+    from contextlib import ExitStack
+
+    from pipeline.sorting import classify_images
+
+    settings = _settings()
+    for start in range(0, len(photos), CLASSIFY_CHUNK):
+        with ExitStack() as stack:
+            files = [(path, stack.enter_context(open(path, "rb"))) for path in photos[start:start + CLASSIFY_CHUNK]]
+            rows = classify_images(files, settings=settings, model_spec=model)
+        for r in rows:
+            if as_json:
+                click.echo(json.dumps({"filename": r.item_id, "status": r.status, "category": r.category,
+                                       "confidence": r.confidence, "topk": r.topk, "error": r.error}))
+                continue
+            conf = "" if r.confidence is None else f"{r.confidence:.3f}"
+            what = (r.category or "-") if r.status != "failed" else f"FAILED: {r.error}"
+            click.echo(f"{r.status:<12} {conf:>5}  {what:<24} {r.item_id}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; the API has no authentication).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="TCP port.")
+@click.option("--model", "model", default=None, help="Model file for every request and job: path, s3:// URI or "
+              "bundled:NAME [default: INVSORT_MODEL_PATH, else the bundled Fashion-MNIST model].")
+@click.option("--db", "database_url", default=None, help="Catalog database URL [default: INVSORT_DATABASE_URL, "
+              "else sqlite:///./invsort.db].")
+@_handle_errors
+def serve(host: str, port: int, model: str | None, database_url: str | None) -> None:
+    """Serve the HTTP API (FastAPI on uvicorn): classify uploads, start and follow jobs, read the catalog.
+
+    The database is migrated to the latest schema first and the model loaded before the port opens. Jobs go to
+    the Celery queue when INVSORT_BROKER_URL is set and its Redis answers, else they run in this server, one at a
+    time. Local job sources must be inside INVSORT_LOCAL_ROOTS. OpenAPI pages at /docs.
+
+    \b
+    Example:
+      invsort serve --port 8000
+      curl -F file=@photo.jpg http://127.0.0.1:8000/v1/classify
+    """
+    import uvicorn
+
+    from db.migrate import upgrade
+    from pipeline.sorting import get_predictor
+    from worker.web.app import create_app
+
+    settings = _settings(database_url=database_url)
+    upgrade(settings.database_url)
+    mf = get_predictor(settings, model).model_file  # a bad model file is one Error: line, before the port opens
+    app = create_app(settings, model_spec=model)
+    shown_host = f"[{host}]" if ":" in host else host
+    click.echo(f"invsort API on http://{shown_host}:{port} (OpenAPI at /docs); model {mf.name} version {mf.version}; "
+               f"catalog {_safe_url(settings.database_url)}", err=True)
+    verbose = click.get_current_context().find_root().params.get("verbose") or 0
+    uvicorn.run(app, host=host, port=port, log_level="debug" if verbose > 1 else "info", server_header=False)
 
 
 @main.command()
