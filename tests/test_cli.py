@@ -10,11 +10,9 @@ its own port in front of PostgreSQL and cuts; the server itself is never touched
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +29,7 @@ from sqlalchemy.engine import make_url
 from db import catalog
 from db.session import session_scope
 from pipeline.models.modelfile import load_model_file, save_model_file
+from tests.fixtures.net import TcpProxy, free_port
 from tests.images import EXAMPLES
 from worker.cli import main
 
@@ -266,79 +265,6 @@ def test_the_readme_first_command_in_a_real_process(tmp_path):
 
 
 # --------------------------------------------------------------------------- services that do not answer
-
-
-class TcpProxy:
-    """A TCP relay on its own free loopback port in front of ``upstream`` (host, port), which a test can cut: every
-    relayed connection is closed and new ones are accepted and closed at once (counted in ``refused``) until
-    :meth:`restore`. The test's way to take the database away from a process without touching the server."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.lock = threading.Lock()
-        self.open: list[socket.socket] = []
-        self.is_cut = False
-        self.refused = 0
-        threading.Thread(target=self._accept, name="tcp-proxy", daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:  # closed: the test is over
-                return
-            with self.lock:
-                if self.is_cut:
-                    self.refused += 1
-                    client.close()
-                    continue
-            try:
-                server = socket.create_connection(self.upstream, timeout=10)
-            except OSError:
-                client.close()
-                continue
-            with self.lock:
-                self.open += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        with self.lock:
-            self.is_cut = True
-            for s in self.open:
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
-            self.open.clear()
-
-    def restore(self) -> None:
-        with self.lock:
-            self.is_cut = False
-
-    def close(self) -> None:
-        self.cut()
-        self.listener.close()
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def eventually(condition: Callable[[], bool], what: str, bound_s: float = 120.0) -> None:

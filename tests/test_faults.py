@@ -13,9 +13,7 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +23,7 @@ import redis
 
 from db.catalog import get_job, iter_items
 from db.session import session_scope
+from tests.fixtures.net import TcpProxy, free_port
 from tests.images import example_files
 from tests.test_worker import ROOT, invsort, start_worker, stop_worker, wait_for, worker_env
 
@@ -35,12 +34,6 @@ FAST_RECONCILER = dict(INVSORT_RECONCILE_INTERVAL_S="2", INVSORT_REQUEUE_GRACE_S
 
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -162,32 +155,44 @@ def with_cont(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGCONT)
 
 
-POISON_HOOK = '''
+DECODE_HOOK = '''
 import ctypes
+import threading
+
 import pipeline.inference.streaming as streaming
 
 _decode = streaming.decode_image
 
 
-def _decode_or_crash(data, *args, **kwargs):
+def _decode_or_fail(data, *args, **kwargs):
     if b"INVSORT-TEST-POISON" in bytes(data[-64:]):
         ctypes.string_at(0)  # a real SIGSEGV, as a native decoder's bug would give
+    if b"INVSORT-TEST-HANG" in bytes(data[-64:]):
+        threading.Event().wait()  # hangs for ever, as a stuck native decoder would
     return _decode(data, *args, **kwargs)
 
 
-streaming.decode_image = _decode_or_crash
+streaming.decode_image = _decode_or_fail
 '''
+
+
+def marked_photos(tmp_path: Path, n: int, index: int, marker: bytes) -> tuple[Path, Path, Path]:
+    """``n`` example photos with ``marker`` appended to the ``index``-th (still a valid PNG: bytes after IEND), and a
+    folder holding a ``sitecustomize.py`` that makes the worker's decoder crash or hang on the marked photo (give it
+    to the worker alone, in ``PYTHONPATH``). Returns ``(photos, the marked photo, the hook folder)``."""
+    src = photos(tmp_path, n)
+    marked = sorted(src.rglob("*.png"))[index]
+    marked.write_bytes(marked.read_bytes() + marker)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(DECODE_HOOK)
+    return src, marked, hook
 
 
 def test_a_poison_image_that_crashes_the_worker_fails_alone_and_its_batch_is_written(
         pg_url, s3_server, own_redis, tmp_path):
     broker_url, _ = own_redis
-    src = photos(tmp_path, 12)
-    poison = sorted(src.rglob("*.png"))[5]
-    poison.write_bytes(poison.read_bytes() + b"INVSORT-TEST-POISON")  # still a valid PNG: bytes after IEND
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(POISON_HOOK)
+    src, poison, hook = marked_photos(tmp_path, 12, 5, b"INVSORT-TEST-POISON")
     env = {**worker_env(pg_url, s3_server, broker_url), **FAST_RECONCILER, "INVSORT_LOCAL_ROOTS": str(src),
            "INVSORT_ITEMS_PER_TASK": "12", "PYTHONPATH": str(hook)}
     job_id = submit_job({**env, "PYTHONPATH": ""}, src)
@@ -249,76 +254,13 @@ def test_a_job_whose_model_file_is_replaced_or_removed_after_submit_fails_with_t
     print(f"model replaced / removed after submit: both jobs failed within {took:.1f} s\n  {a.error}\n  {b.error}")
 
 
-class CuttableProxy:
-    """A TCP proxy on a free port of 127.0.0.1 in front of ``target``; :meth:`cut` drops every connection and
-    refuses new ones until :meth:`restore` (an outage of the service behind it, as its clients see it)."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target, self.port = target, free_port()
-        self.up = threading.Event()
-        self.up.set()
-        self.refused = 0
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._server = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            if not self.up.is_set():
-                self.refused += 1
-                client.close()
-                continue
-            try:
-                upstream = socket.create_connection(self.target)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        self.up.clear()
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for s in conns:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-    def restore(self) -> None:
-        self.up.set()
-
-    def close(self) -> None:
-        self.cut()
-        self._server.close()
-
-
 def test_postgresql_unreachable_for_30_s_mid_job_the_job_ends_done_with_every_item_once(
         pg_url, s3_server, own_redis, tmp_path):
     from sqlalchemy.engine import make_url
 
     broker_url, _ = own_redis
     url = make_url(pg_url)
-    proxy = CuttableProxy((url.host or "127.0.0.1", url.port or 5432))
+    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
     proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     src = photos(tmp_path, 40)
     env = {**worker_env(proxied, s3_server, broker_url), **FAST_RECONCILER, "INVSORT_LOCAL_ROOTS": str(src),
@@ -352,32 +294,10 @@ def test_postgresql_unreachable_for_30_s_mid_job_the_job_ends_done_with_every_it
           f"done {took:.1f} s after the cut")
 
 
-HANG_HOOK = '''
-import threading
-import pipeline.inference.streaming as streaming
-
-_decode = streaming.decode_image
-
-
-def _decode_or_hang(data, *args, **kwargs):
-    if b"INVSORT-TEST-HANG" in bytes(data[-64:]):
-        threading.Event().wait()  # hangs for ever, as a stuck native decoder would
-    return _decode(data, *args, **kwargs)
-
-
-streaming.decode_image = _decode_or_hang
-'''
-
-
 def test_an_image_that_hangs_the_worker_fails_alone_after_the_time_limits_and_its_batch_is_written(
         pg_url, s3_server, own_redis, tmp_path):
     broker_url, _ = own_redis
-    src = photos(tmp_path, 8)
-    stuck = sorted(src.rglob("*.png"))[3]
-    stuck.write_bytes(stuck.read_bytes() + b"INVSORT-TEST-HANG")
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(HANG_HOOK)
+    src, stuck, hook = marked_photos(tmp_path, 8, 3, b"INVSORT-TEST-HANG")
     env = {**worker_env(pg_url, s3_server, broker_url), **FAST_RECONCILER, "INVSORT_LOCAL_ROOTS": str(src),
            "INVSORT_ITEMS_PER_TASK": "8", "INVSORT_TASK_TIME_LIMIT_S": "35", "PYTHONPATH": str(hook)}
     job_id = submit_job({**env, "PYTHONPATH": ""}, src)
