@@ -45,6 +45,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = ("done", "failed", "cancelled")
 
 
+@pytest.fixture
+def pg_url(empty_pg_url: str) -> str:
+    """A PostgreSQL database of this test's own, migrated: the jobs here commit rows, and other modules' tests on
+    the session's shared database expect to find none of them."""
+    from db import migrate
+
+    migrate.upgrade(empty_pg_url)
+    return empty_pg_url
+
+
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch, tmp_path):
     """No INVSORT_* variable or .env file of the caller's: every setting is the test's."""
