@@ -219,31 +219,36 @@ def test_the_reconciler_fails_a_job_whose_listing_stopped(db_url, tmp_path):
     assert job.status == "failed" and "listing stopped" in job.error
 
 
-@pytest.mark.slow  # a real Redis (db 13, as tests/test_worker.py) for the re-enqueued tasks
-def test_jobs_cancel_and_retry_on_the_command_line(pg_url, tmp_path, monkeypatch):
+@pytest.mark.slow  # a real Redis (db 13, as tests/test_worker.py) for the re-enqueued tasks; real processes
+def test_jobs_cancel_and_retry_on_the_command_line(pg_url, tmp_path):
+    """``invsort jobs cancel|retry`` as a user runs them (a process of their own: its Celery app is made from its
+    own settings, so the re-enqueued tasks land in the test's Redis database)."""
     import json
+    import os
+    import subprocess
 
     import redis
-    from click.testing import CliRunner
 
     broker = "redis://127.0.0.1:6379/13"
     client = redis.Redis.from_url(broker)
     client.flushdb()
-    monkeypatch.setenv("INVSORT_BROKER_URL", broker)
     settings, job_id, _ = _submit(pg_url, tmp_path, n=6, per_task=3)
-    from worker.cli import main
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INVSORT_")}
+    env["INVSORT_BROKER_URL"] = broker
 
     def invsort(*args):
-        return CliRunner().invoke(main, [*args, "--db", pg_url], catch_exceptions=False)
+        return subprocess.run([sys.executable, "-m", "worker.cli", *args, "--db", pg_url], env=env,
+                              capture_output=True, text=True, timeout=120)
 
     out = invsort("jobs", "cancel", job_id)
-    assert out.exit_code == 0 and f"job {job_id} cancelled" in out.output
-    assert "already ended" in invsort("jobs", "cancel", job_id).output
+    assert out.returncode == 0 and f"job {job_id} cancelled" in out.stdout, out.stdout + out.stderr
+    assert "already ended" in invsort("jobs", "cancel", job_id).stdout
     out = invsort("jobs", "retry", job_id)
-    assert out.exit_code == 0 and "2 batch(es) queued again" in out.output, out.output
+    assert out.returncode == 0 and "2 batch(es) queued again" in out.stdout, out.stdout + out.stderr
     queued = [json.loads(m)["headers"]["id"] for m in client.lrange("invsort", 0, -1)]
     assert sorted(queued) == [f"{job_id}:0:r1", f"{job_id}:1:r1"]
     assert _job(pg_url, job_id).status == "running"
     missing = invsort("jobs", "cancel", "no-such-job")
-    assert missing.exit_code == 1 and "no sorting job 'no-such-job'" in missing.output
+    assert missing.returncode == 1 and "no sorting job 'no-such-job'" in missing.stdout + missing.stderr
+    assert "Traceback" not in missing.stderr
     client.flushdb()

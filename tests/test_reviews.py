@@ -22,6 +22,14 @@ from pipeline.records import ItemResult
 CLASSES = ["Bag", "Coat", "Sandal", "Sneaker"]
 
 
+@pytest.fixture
+def pg_url(empty_pg_url: str) -> str:
+    """A PostgreSQL database of this test's own, migrated: the review queue and the log read every row, and other
+    modules' tests (workers, the API) commit rows into the session's shared database."""
+    migrate.upgrade(empty_pg_url)
+    return empty_pg_url
+
+
 def _result(item_id: str, category: str = "Bag", confidence: float = 0.6, *, status: str = "needs_review",
             job_id: str | None = "job-1", version: str = "v1") -> ItemResult:
     return ItemResult(
