@@ -25,13 +25,12 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from db.catalog import StatusCounts, complete_job_if_done, fail_job, record_batch, upsert_items
+from db.catalog import JobNotFoundError, StatusCounts, complete_job_if_done, fail_job, record_batch, upsert_items
 from db.jobs import (
     Batch,
     abandon_batch,
@@ -179,17 +178,18 @@ def run_batch(job_id: str, batch_no: int, *, settings: Settings, worker: str | N
     """Run one delivery of a stored batch (see the module docstring). Returns the batch's counts by status
     (empty when this delivery had nothing to do).
 
-    Raises:
-        BatchBusy: another live worker holds the batch; deliver it again later.
-        JobNotFoundError: the batch has no row.
+    Args:
+        worker: this process as a holder (default :func:`worker_id`).
         crash_exceptions: raised by the caller's watchdog (a soft time limit): the batch is left as if its
             worker had died, so that its next delivery runs it item by item. So is it after a ``SystemExit`` or
             ``KeyboardInterrupt`` (Celery's hard time limit terminates the process).
+
+    Raises:
+        BatchBusy: another live worker holds the batch; deliver it again later.
+        JobNotFoundError: the batch has no row.
         TransientError, sqlalchemy.exc.OperationalError, ...: this attempt failed; the batch was given back
             (``queued``, with the error) where the database allowed, to be retried.
     """
-    from db.catalog import JobNotFoundError
-
     worker = worker or worker_id()
     url = settings.database_url
     stale_after = timedelta(seconds=3 * settings.heartbeat_interval_s)
@@ -394,14 +394,3 @@ def retry(settings: Settings, job_id: str, enqueue: Enqueue) -> int:
     for batch_no, task_id in todo:
         enqueue(job_id, batch_no, task_id)
     return len(todo)
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, poll_s: float = 0.2) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout_s`` seconds pass; returns its last value."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(poll_s)

@@ -17,6 +17,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -189,28 +190,34 @@ def marked_photos(tmp_path: Path, n: int, index: int, marker: bytes) -> tuple[Pa
     return src, marked, hook
 
 
-def test_a_poison_image_that_crashes_the_worker_fails_alone_and_its_batch_is_written(
-        pg_url, s3_server, own_redis, tmp_path):
-    broker_url, _ = own_redis
-    src, poison, hook = marked_photos(tmp_path, 12, 5, b"INVSORT-TEST-POISON")
+def sort_with_a_marked_photo(pg_url: str, s3_server: str, broker_url: str, tmp_path: Path, n: int, index: int,
+                             marker: bytes, *, bound_s: float, **env: str) -> tuple[Any, Path, str, float]:
+    """Queue a job of :func:`marked_photos` (one batch), run one worker with the decoder hook until the job ends
+    (within ``bound_s`` seconds), and return ``(job, the marked photo, the worker's log, seconds taken)``."""
+    src, marked, hook = marked_photos(tmp_path, n, index, marker)
     env = {**worker_env(pg_url, s3_server, broker_url), **FAST_RECONCILER, "INVSORT_LOCAL_ROOTS": str(src),
-           "INVSORT_ITEMS_PER_TASK": "12", "PYTHONPATH": str(hook)}
+           "INVSORT_ITEMS_PER_TASK": str(n), "PYTHONPATH": str(hook), **env}
     job_id = submit_job({**env, "PYTHONPATH": ""}, src)
     log = tmp_path / "w.log"
     started = time.monotonic()
     worker = start_worker(env, "w", log)
     try:
-        job = wait_for(ended(pg_url, job_id), 180, "the job ends", (log,))
+        job = wait_for(ended(pg_url, job_id), bound_s, "the job ends", (log,))
     finally:
         stop_worker(worker)
-    took = time.monotonic() - started
-    text = log.read_text()
+    return job, marked, log.read_text(), time.monotonic() - started
+
+
+def test_a_poison_image_that_crashes_the_worker_fails_alone_and_its_batch_is_written(
+        pg_url, s3_server, own_redis, tmp_path):
+    job, poison, text, took = sort_with_a_marked_photo(pg_url, s3_server, own_redis[0], tmp_path, 12, 5,
+                                                       b"INVSORT-TEST-POISON", bound_s=180)
     crashes = text.count("exited with 'signal 11 (SIGSEGV)'")
     # the fault: the worker's pool process really died: once running the whole batch, then poison_crashes (2)
     # times on the poison item when the batch ran item by item; redelivery did not loop for ever
     assert crashes == 3, text[-3000:]
     assert job.status == "done"
-    job, rows = assert_exact(pg_url, job_id, 12)
+    job, rows = assert_exact(pg_url, job.id, 12)
     failed = [r for r in rows if r.status == "failed"]
     assert [r.image_uri for r in failed] == [poison.as_uri()] and "poison item" in failed[0].error
     print(f"poison image: {crashes} worker crashes, job done in {took:.1f} s with 11 rows sorted and 1 failed")
@@ -296,23 +303,11 @@ def test_postgresql_unreachable_for_30_s_mid_job_the_job_ends_done_with_every_it
 
 def test_an_image_that_hangs_the_worker_fails_alone_after_the_time_limits_and_its_batch_is_written(
         pg_url, s3_server, own_redis, tmp_path):
-    broker_url, _ = own_redis
-    src, stuck, hook = marked_photos(tmp_path, 8, 3, b"INVSORT-TEST-HANG")
-    env = {**worker_env(pg_url, s3_server, broker_url), **FAST_RECONCILER, "INVSORT_LOCAL_ROOTS": str(src),
-           "INVSORT_ITEMS_PER_TASK": "8", "INVSORT_TASK_TIME_LIMIT_S": "35", "PYTHONPATH": str(hook)}
-    job_id = submit_job({**env, "PYTHONPATH": ""}, src)
-    log = tmp_path / "w.log"
-    started = time.monotonic()
-    worker = start_worker(env, "w", log)
-    try:
-        job = wait_for(ended(pg_url, job_id), 300, "the job ends", (log,))
-    finally:
-        stop_worker(worker)
-    took = time.monotonic() - started
-    text = log.read_text()
+    job, stuck, text, took = sort_with_a_marked_photo(pg_url, s3_server, own_redis[0], tmp_path, 8, 3,
+                                                      b"INVSORT-TEST-HANG", bound_s=300, INVSORT_TASK_TIME_LIMIT_S="35")
     limits = text.count("SoftTimeLimitExceeded") + text.count("TimeLimitExceeded(35")
     assert limits >= 2, text[-3000:]  # the fault: the item really hung the task until a time limit, repeatedly
-    job, rows = assert_exact(pg_url, job_id, 8)
+    job, rows = assert_exact(pg_url, job.id, 8)
     failed = [r for r in rows if r.status == "failed"]
     assert [r.image_uri for r in failed] == [stuck.as_uri()] and "poison item" in failed[0].error
     print(f"hanging image: {limits} time-limit hits, job done in {took:.1f} s with 7 rows sorted and 1 failed")
