@@ -3,6 +3,9 @@
 Every function takes the :class:`~sqlalchemy.orm.Session` as a keyword argument and runs inside the
 caller's transaction: nothing here commits. Writes to shared rows are single SQL statements that are safe when
 many workers run them at once on PostgreSQL (counters are incremented in SQL, never read-modify-written in Python).
+
+Every write of a catalog row appends its new state to ``catalog_history`` in the same transaction
+(:func:`upsert_items` for sorts, :func:`record_history` for every other writer); :mod:`db.history` reads it.
 """
 
 from __future__ import annotations
@@ -14,28 +17,35 @@ import logging
 import operator
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any, TypedDict, cast
+from urllib.parse import urlencode
 
-from sqlalchemy import CursorResult, Result, Select, Table, func, literal, select, update
+from sqlalchemy import CursorResult, Result, Select, Table, and_, bindparam, func, literal, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
-from db.models import CatalogItem, SortingJob, SortingJobBatch, UTCDateTime
+from db.attributes import attributes_of, upsert_attributes
+from db.models import CatalogAttribute, CatalogItem, SortingJob, SortingJobBatch, UTCDateTime
 from pipeline.errors import InvsortError
-from pipeline.records import REVIEWED, ItemResult, printable
+from pipeline.records import REVIEWED, SORT_STATUSES, ItemResult, printable
 
 __all__ = [
+    "CATALOG_SOURCE",
     "CatalogRow",
     "JobNotFoundError",
     "JobStateError",
     "JobStatus",
+    "ResortItem",
+    "ResortSelection",
     "StatusCounts",
+    "active_resorts",
     "catalog_key",
     "complete_job_if_done",
+    "count_resort",
     "create_job",
     "fail_job",
     "finish_listing",
@@ -44,16 +54,19 @@ __all__ = [
     "iter_items",
     "list_jobs",
     "record_batch",
+    "record_history",
+    "resort_page",
     "upsert_items",
 ]
 
 _items = cast(Table, CatalogItem.__table__)
 _jobs = cast(Table, SortingJob.__table__)
+_attributes = cast(Table, CatalogAttribute.__table__)
 _batches = cast(Table, SortingJobBatch.__table__)
 
 log = logging.getLogger(__name__)
 
-_RESULT_FIELDS = tuple(f.name for f in fields(ItemResult))
+_RESULT_FIELDS = tuple(f.name for f in fields(ItemResult) if f.name != "attributes")  # catalog_attributes' own
 
 
 class StatusCounts(TypedDict):
@@ -125,6 +138,9 @@ class CatalogRow:
     model_confidence: float | None = None
     reviewed_by: str | None = None
     reviewed_at: datetime | None = None
+    # the item's other attributes, {"toe": "open_toe"} (catalog_attributes; filled where read with them: the pages
+    # of db.queries.list_items, get_item)
+    attributes: dict[str, str | None] = field(default_factory=dict)
 
     def to_result(self) -> ItemResult:
         """The row as the :class:`ItemResult` that was written (without ``updated_at``)."""
@@ -132,7 +148,7 @@ class CatalogRow:
 
 
 _JOB_FIELDS = tuple(f.name for f in fields(JobStatus))
-_ROW_FIELDS = tuple(f.name for f in fields(CatalogRow))
+_ROW_FIELDS = tuple(f.name for f in fields(CatalogRow) if f.name != "attributes")  # catalog_items' columns
 
 
 def _rowcount(result: Result[Any]) -> int:
@@ -174,6 +190,68 @@ _SQLITE_UPSERT = (
     f"INSERT INTO catalog_items ({_COLUMN_LIST}) VALUES ({', '.join('?' * len(_UPSERT_COLUMNS))}) "
     f"ON CONFLICT (item_id) DO UPDATE SET {_SET_ALL}"
 )
+
+# --- catalog_history: every write appends the rows' new states ------------------------------------------------
+#
+# An entry is a snapshot of the catalog row right after the write, taken by INSERT ... SELECT from catalog_items
+# (no per-row work in Python or SQLAlchemy), with the item's state before the write: its latest entry. That lookup is
+# exact because every writer of catalog_items holds the row's lock (the upsert's, or SELECT ... FOR UPDATE) when it
+# appends, and appends in the transaction of the write: a writer that wrote the row before has committed its entry
+# (we waited for its lock), a writer after us waits for ours. The append runs as a statement of its own after the
+# write, so under READ COMMITTED (PostgreSQL's default) its snapshot sees those entries. Rows written before the
+# history existed got an entry from migration 0005.
+#
+# SQLite has one writer at a time: the upsert takes the write lock first, reads the rows as they are (their
+# previous state: the same as their latest entries, one lookup instead of three) and appends the entries with a
+# plain INSERT ... VALUES of tuples built from the upsert's own (measured: the faster way there).
+#
+# The change feed reads entries in id order (db.history.iter_changes). On PostgreSQL ids are drawn when a writer
+# appends but become visible when it commits, not necessarily in id order; so that a reader can tell which ids may
+# still appear, each writer first draws one id of the history's sequence as a marker and holds an advisory
+# transaction lock on MARKER_BASE + marker until it commits or rolls back: its entries all get higher ids.
+HISTORY_SEQUENCE = "catalog_history_id_seq"
+#: Advisory lock keys MARKER_BASE + id (ids below 2**48) mark writers of catalog_history in flight (PostgreSQL).
+MARKER_BASE = 0x4953 << 48
+_PG_MARKER = f"SELECT pg_advisory_xact_lock({MARKER_BASE} + nextval('{HISTORY_SEQUENCE}'))"
+_HISTORY_COLUMNS = (
+    "item_id, job_id, model_name, model_version, category, confidence, status, topk, reason, source, changed_by, "
+    "changed, previous_category, previous_status, written_at"
+)
+
+
+def _history_insert(dialect: str, *, keys: str, job_id: str, reason: str, source: str, changed_by: str,
+                    skip_reviewed: bool) -> str:
+    """``INSERT INTO catalog_history ... SELECT`` of the catalog rows that ``keys`` (a condition on ``c.item_id``)
+    selects, as they are now, each with its latest history entry as its previous state; ``job_id``, ``reason``,
+    ``source`` and ``changed_by`` are SQL expressions (columns of ``c``, literals or parameters). With
+    ``skip_reviewed``, reviewed rows (which a sort leaves alone) get no entry."""
+    if dialect == "postgresql":
+        previous = ("LEFT JOIN LATERAL (SELECT h.category, h.status FROM catalog_history h "
+                    "WHERE h.item_id = c.item_id ORDER BY h.id DESC LIMIT 1) p ON true")
+        differs = "IS DISTINCT FROM"
+    else:
+        previous = ("LEFT JOIN catalog_history p "
+                    "ON p.id = (SELECT max(h.id) FROM catalog_history h WHERE h.item_id = c.item_id)")
+        differs = "IS NOT"  # SQLite's null-safe comparison (IS DISTINCT FROM only since 3.39)
+    # p.status is never null in an entry: null means the item has none, it is new.
+    changed = f"(p.status IS NULL OR p.category {differs} c.category OR p.status <> c.status)"
+    where = keys + (f" AND c.status <> '{REVIEWED}'" if skip_reviewed else "")
+    return (
+        f"INSERT INTO catalog_history ({_HISTORY_COLUMNS}) SELECT c.item_id, {job_id}, c.model_name, c.model_version, "
+        f"c.category, c.confidence, c.status, c.topk, {reason}, {source}, {changed_by}, {changed}, p.category, "
+        f"p.status, c.updated_at FROM catalog_items c {previous} WHERE {where}"
+    )
+
+
+# A sort's entries: its job, the row's error as the reason.
+_SORT_ENTRY = {"job_id": "c.job_id", "reason": "c.error", "source": "'model'", "changed_by": "NULL"}
+# SQLite: taking the write lock (a write that changes nothing), the rows before, the entries.
+_SQLITE_LOCK = "UPDATE catalog_items SET status = status WHERE 0"
+_SQLITE_BEFORE = "SELECT item_id, category, status FROM catalog_items WHERE item_id IN ({})"
+_SQLITE_HISTORY = f"INSERT INTO catalog_history ({_HISTORY_COLUMNS}) VALUES ({', '.join('?' * 15)})"
+_SQLITE_READ_CHUNK = 500  # keys per read: well under SQLite's limit of bound parameters
+_ENTRY_AT = tuple(_AT[name] for name in ("item_id", "job_id", "model_name", "model_version", "category", "confidence",
+                                         "status", "topk", "error"))
 
 # An id is its own key when it fits the key column (varchar(1024)) and PostgreSQL's B-tree index (about 2,700
 # bytes an entry); a longer one is stored under a key derived from it, with the whole id in item_id_full.
@@ -229,12 +307,18 @@ def _pg_staging() -> _PgStaging:
         # No constraints on the staging table: they are checked by the merge, which SQLAlchemy runs, so a
         # violation raises the usual sqlalchemy.exc.IntegrityError. ON COMMIT DELETE ROWS empties it after
         # every transaction; the DELETE empties it between two calls in one transaction.
-        prepare=f"CREATE TEMPORARY TABLE IF NOT EXISTS {table} ({columns}) ON COMMIT DELETE ROWS; DELETE FROM {table}",
+        prepare=(f"CREATE TEMPORARY TABLE IF NOT EXISTS {table} ({columns}) ON COMMIT DELETE ROWS; "
+                 f"DELETE FROM {table}; {_PG_MARKER}"),
         copy=f"COPY {table} ({_COLUMN_LIST}) FROM STDIN",
-        # ORDER BY: concurrent writers of overlapping items lock their rows in the same order (no deadlock).
+        # ORDER BY: concurrent writers of overlapping items lock their rows in the same order (no deadlock). The
+        # conflict locks a reviewed row too (its update is skipped): so after the merge every row of the batch is
+        # locked, and the history entries go to the rows that are not reviewed, which are exactly the rows it
+        # wrote. Both statements go in one round trip; the rowcount is the merge's (psycopg: the first result).
         merge=(
             f"INSERT INTO catalog_items ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {table} ORDER BY item_id "
-            f"ON CONFLICT (item_id) DO UPDATE SET {_SET_ALL}"
+            f"ON CONFLICT (item_id) DO UPDATE SET {_SET_ALL}; "
+            + _history_insert("postgresql", keys=f"c.item_id IN (SELECT item_id FROM {table})", skip_reviewed=True,
+                              **_SORT_ENTRY)
         ),
     )
 
@@ -278,14 +362,33 @@ def _writer(connection: Connection) -> tuple[Callable[[list[tuple[Any, ...]]], i
 
 
 def _sqlite_write(connection: Connection, values: list[tuple[Any, ...]]) -> int:
-    """Upsert ``values`` with one prepared statement; returns the rows inserted or replaced (sqlite3 sums the
+    """Upsert ``values`` with one prepared statement and append their history entries with another (the write
+    lock taken and the rows' previous states read first); returns the rows inserted or replaced (sqlite3 sums the
     changes of every execution, and a conflict whose update is skipped changes nothing)."""
-    return connection.exec_driver_sql(_SQLITE_UPSERT, values).rowcount
+    connection.exec_driver_sql(_SQLITE_LOCK)  # no other writer from here on: the rows read below stay as they are
+    before: dict[str, tuple[str | None, str]] = {}
+    for i in range(0, len(values), _SQLITE_READ_CHUNK):
+        keys = tuple(value[0] for value in values[i : i + _SQLITE_READ_CHUNK])
+        sql = _SQLITE_BEFORE.format(", ".join("?" * len(keys)))
+        before.update((key, (category, status)) for key, category, status in connection.exec_driver_sql(sql, keys))
+    written = connection.exec_driver_sql(_SQLITE_UPSERT, values).rowcount
+    entries = []
+    category_at, status_at, updated_at = _AT["category"], _AT["status"], _AT["updated_at"]
+    for value in values:
+        previous = before.get(value[0])
+        if previous is None:
+            entries.append((*map(value.__getitem__, _ENTRY_AT), "model", None, True, None, None, value[updated_at]))
+        elif previous[1] != REVIEWED:  # a reviewed row was left alone: no entry
+            changed = previous[0] != value[category_at] or previous[1] != value[status_at]
+            entries.append((*map(value.__getitem__, _ENTRY_AT), "model", None, changed, *previous, value[updated_at]))
+    if entries:
+        connection.exec_driver_sql(_SQLITE_HISTORY, entries)
+    return written
 
 
 def _pg_write(connection: Connection, values: list[tuple[Any, ...]]) -> int:
-    """COPY ``values`` into the connection's staging table and merge them into ``catalog_items``; returns the
-    rows the merge inserted or replaced."""
+    """COPY ``values`` into the connection's staging table (after taking the history marker), merge them into
+    ``catalog_items`` and append their history entries; returns the rows the merge inserted or replaced."""
     dialect = connection.dialect
     sql = _pg_staging()
     dbapi_error = dialect.loaded_dbapi.Error
@@ -414,6 +517,19 @@ def upsert_items(*, session: Session, rows: Sequence[ItemResult]) -> int:
     no category, confidence or top-k, that error), so counts taken from ``rows`` after this call agree with the
     table. A row refused even then is left out and logged.
 
+    Attributes: the :attr:`~ItemResult.attributes` of every row that is not ``failed`` (a refused row's included
+    are not) are written into ``catalog_attributes`` in the same transaction (:func:`db.attributes.upsert_attributes`),
+    a reviewed item's too (a person decides the category only).
+
+    History: every row written (a refused row written as ``failed`` included; not a reviewed row left alone) gets
+    an entry in ``catalog_history`` in the same statement batch and transaction: the row as written, source
+    ``model``, its job, ``reason`` = its ``error``, and the item's state before (``previous_category`` /
+    ``previous_status``, null for a new item) with ``changed`` = whether the category or status differs from it
+    (or the item is new). The previous state is the item's latest history entry, read while this transaction holds
+    the row's lock, so two workers writing the same item at once each record the state the other left (the later
+    one waits for the earlier one's commit). On PostgreSQL each call also holds an advisory lock until the
+    transaction ends that tells the change feed its entries may still appear (:func:`db.history.iter_changes`).
+
     Returns:
         The number of distinct items whose row this call inserted or replaced (a refused row written as
         ``failed`` included); reviewed rows left as they were and rows refused even as ``failed`` are not
@@ -430,9 +546,59 @@ def upsert_items(*, session: Session, rows: Sequence[ItemResult]) -> int:
     write, updated_at = _writer(connection)
     by_id = _row_values(rows, updated_at)
     written, refused = _write_or_refuse(session, write, list(by_id.values()))
-    if not refused:
-        return written
-    return written + _fail_refused(session, write, rows, by_id, refused)
+    if refused:
+        written += _fail_refused(session, write, rows, by_id, refused)
+    with_attributes = [r for r in rows if r.attributes and r.status != "failed"]
+    if with_attributes:
+        upsert_attributes(session=session, rows=with_attributes, keys=[catalog_key(r.item_id) for r in with_attributes])
+    return written
+
+
+def record_history(
+    *,
+    session: Session,
+    keys: Sequence[str],
+    source: str,
+    reason: str | None = None,
+    changed_by: str | None = None,
+    job_id: str | None = None,
+) -> int:
+    """Append one ``catalog_history`` entry per catalog row of ``keys``, a snapshot of the row as it is now:
+    what every writer of ``catalog_items`` other than :func:`upsert_items` calls right after its write.
+
+    The caller must hold the rows' locks (it has just updated them, or locked them with ``SELECT ... FOR UPDATE``)
+    and call this in the transaction of the write, at READ COMMITTED: that is what makes each entry's previous
+    state (the item's latest entry) and ``changed`` exact when writers race. ``keys`` are ``catalog_items`` keys
+    (:func:`catalog_key`); keys without a row are skipped. ``written_at`` is the row's ``updated_at``.
+
+    Args:
+        source: ``review`` or ``rollback`` (``model`` is :func:`upsert_items`'s).
+        reason: why the row is as it is now (e.g. the decision: ``review``, ``accept``, ``undo``); None: the row's
+            ``error``.
+        changed_by: who made the change (a reviewer).
+        job_id: the job the entry belongs to (e.g. the job a rollback took back); None for a review.
+
+    Returns:
+        How many entries were appended.
+    """
+    dialect = session.get_bind().dialect.name
+    sql = text(_history_insert(dialect, keys="c.item_id IN :keys", job_id=":job_id", source=":source",
+                               changed_by=":changed_by",
+                               reason="c.error" if reason is None else ":reason",
+                               skip_reviewed=False))
+    sql = sql.bindparams(bindparam("keys", expanding=True))
+    if dialect == "postgresql" and keys:
+        session.execute(text(_PG_MARKER))
+    unique = sorted(set(keys))
+    appended = 0
+    for i in range(0, len(unique), _HISTORY_CHUNK):
+        chunk = unique[i : i + _HISTORY_CHUNK]
+        params = {"keys": chunk, "job_id": job_id, "source": source, "changed_by": changed_by, "reason": reason}
+        appended += _rowcount(session.execute(sql, params))
+    return appended
+
+
+_HISTORY_CHUNK = 500  # keys per statement: well under SQLite's limit of bound parameters
 
 
 def create_job(
@@ -443,8 +609,10 @@ def create_job(
     model_name: str,
     model_version: str,
     job_id: str | None = None,
+    attribute_models: list[dict[str, str]] | None = None,
 ) -> str:
-    """Insert a new sorting job in status ``listing``, created now.
+    """Insert a new sorting job in status ``listing``, created now. ``attribute_models``: its models of other
+    attributes than the category (:meth:`pipeline.attributes.AttributeModel.to_json`; None or empty: none).
 
     Returns:
         The job's id: ``job_id`` if given, else a new uuid4 string.
@@ -461,6 +629,7 @@ def create_job(
             model_path=model_path,
             model_name=model_name,
             model_version=model_version,
+            attribute_models=attribute_models or None,
             status="listing",
             batches_done=0,
             sorted_count=0,
@@ -652,10 +821,13 @@ def get_item(*, session: Session, item_id: str) -> CatalogRow | None:
     """The catalog row of one item (its whole id; a long one is looked up under its :func:`catalog_key`).
 
     Returns:
-        A :class:`CatalogRow`, or None if the catalog has no row for ``item_id``.
+        A :class:`CatalogRow` with its attributes, or None if the catalog has no row for ``item_id``.
     """
-    row = session.execute(_select_rows().where(_items.c.item_id == catalog_key(item_id))).first()
-    return None if row is None else CatalogRow(*row)
+    key = catalog_key(item_id)
+    row = session.execute(_select_rows().where(_items.c.item_id == key)).first()
+    if row is None:
+        return None
+    return replace(CatalogRow(*row), attributes=attributes_of(session=session, keys=[key]).get(key, {}))
 
 
 def iter_items(
@@ -683,3 +855,111 @@ def iter_items(
             yield CatalogRow(*row)
     finally:
         result.close()
+
+
+# --- re-categorisation: the rows another model re-sorts ------------------------------------------------------------
+
+#: The ``source`` of every re-categorisation job begins with this (:attr:`ResortSelection.source`): it is how such
+#: jobs are told from sorts of folders, prefixes and manifests, which can never have it.
+CATALOG_SOURCE = "catalog:"
+
+
+@dataclass(frozen=True, slots=True)
+class ResortSelection:
+    """The catalog rows a re-categorisation re-sorts: each row whose ``model_version`` is not ``version`` (or is
+    null) or, for each ``(attribute, version)`` of ``attributes``, a row that is not ``failed`` and has no value of
+    that attribute by that version; never a ``reviewed`` one; narrowed by the filters, each of which is off when
+    empty: ``categories`` (the row's category is one of them), ``statuses`` (``sorted``, ``needs_review``,
+    ``failed``), ``job_ids`` (the row was last written by one of these jobs) and ``before`` (the row was last
+    written before then; aware).
+
+    Raises:
+        ValueError: a status that is not a sort's, or a naive ``before``.
+    """
+
+    version: str
+    categories: tuple[str, ...] = ()
+    statuses: tuple[str, ...] = ()
+    job_ids: tuple[str, ...] = ()
+    before: datetime | None = None
+    attributes: tuple[tuple[str, str], ...] = ()  # (attribute, version) of the job's models of other attributes
+
+    def __post_init__(self) -> None:
+        wrong = [s for s in self.statuses if s not in SORT_STATUSES]
+        if wrong:
+            raise ValueError(f"a re-categorisation re-sorts rows of status {', '.join(SORT_STATUSES)} (never "
+                             f"{REVIEWED}: human decisions win), got {', '.join(map(repr, wrong))}")
+        if self.before is not None and (self.before.tzinfo is None or self.before.utcoffset() is None):
+            raise ValueError(f"naive datetime {self.before!r}: pass a timezone-aware datetime (UTC)")
+
+    @property
+    def source(self) -> str:
+        """What the job's ``source`` says: ``catalog:?not_model_version=VERSION`` and the filters, URL-encoded."""
+        query = [("not_model_version", self.version),
+                 *(("not_attribute_version", f"{a}:{v}") for a, v in self.attributes),
+                 *(("category", c) for c in self.categories),
+                 *(("status", s) for s in self.statuses), *(("job", j) for j in self.job_ids)]
+        if self.before is not None:
+            query.append(("before", self.before.astimezone(UTC).isoformat()))
+        return f"{CATALOG_SOURCE}?{urlencode(query)}"
+
+    def where(self) -> list[Any]:
+        """The conditions on ``catalog_items`` that select the rows."""
+        version = _items.c.model_version
+        stale = [version.is_(None), version != self.version]
+        for attribute, attribute_version in self.attributes:
+            has = (select(literal(1)).select_from(_attributes)
+                   .where(_attributes.c.item_id == _items.c.item_id, _attributes.c.attribute == attribute,
+                          _attributes.c.model_version == attribute_version))
+            stale.append(and_(_items.c.status != "failed", ~has.exists()))
+        conditions = [_items.c.status != REVIEWED, or_(*stale)]
+        if self.categories:
+            conditions.append(_items.c.category.in_(self.categories))
+        if self.statuses:
+            conditions.append(_items.c.status.in_(self.statuses))
+        if self.job_ids:
+            conditions.append(_items.c.job_id.in_(self.job_ids))
+        if self.before is not None:
+            conditions.append(_items.c.updated_at < self.before)
+        return conditions
+
+
+@dataclass(frozen=True, slots=True)
+class ResortItem:
+    """One row a re-categorisation re-sorts: its catalog ``key`` (the keyset cursor), the whole ``item_id``, its
+    photo and its status now."""
+
+    key: str
+    item_id: str
+    image_uri: str
+    status: str
+
+
+def count_resort(*, session: Session, selection: ResortSelection) -> int:
+    """How many catalog rows ``selection`` selects now (one ``COUNT``)."""
+    return int(session.execute(select(func.count()).select_from(_items).where(*selection.where())).scalar_one())
+
+
+def resort_page(*, session: Session, selection: ResortSelection, after: str | None, limit: int) -> list[ResortItem]:
+    """The next ``limit`` rows ``selection`` selects whose key comes after ``after`` (None: from the first), in key
+    order: one keyset page, read by its own short statement (pass the last row's ``key`` to read on), so that a
+    listing of any size holds one page in memory and no transaction open between pages.
+
+    Returns:
+        Up to ``limit`` :class:`ResortItem`; fewer means the listing is at its end.
+    """
+    stmt = (select(_items.c.item_id, func.coalesce(_items.c.item_id_full, _items.c.item_id), _items.c.image_uri,
+                   _items.c.status)
+            .where(*selection.where()).order_by(_items.c.item_id).limit(limit))
+    if after is not None:
+        stmt = stmt.where(_items.c.item_id > after)
+    return [ResortItem(*row) for row in session.execute(stmt)]
+
+
+def active_resorts(*, session: Session) -> list[JobStatus]:
+    """The re-categorisation jobs (``source`` beginning with :data:`CATALOG_SOURCE`) still ``listing`` or
+    ``running``, oldest first."""
+    rows = session.execute(select(_jobs).where(_jobs.c.source.startswith(CATALOG_SOURCE, autoescape=True),
+                                               _jobs.c.status.in_(("listing", "running")))
+                           .order_by(_jobs.c.created_at, _jobs.c.id))
+    return [_job_status(row) for row in rows]

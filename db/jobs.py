@@ -36,6 +36,7 @@ __all__ = [
     "heartbeat",
     "mark_requeued",
     "release_batch",
+    "release_lease",
     "retry_job",
     "set_progress",
     "stale_listing_jobs",
@@ -81,11 +82,12 @@ class Batch:
     model_path: str
     model_version: str
     job_error: str | None
+    attribute_models: list[dict[str, str]] | None = None  # the job's models of other attributes (pipeline.attributes)
 
 
 _BATCH_COLUMNS = [_batches.c[f.name] for f in fields(Batch) if f.name in _batches.c]
 _JOB_COLUMNS = [_jobs.c.status.label("job_status"), _jobs.c.model_path, _jobs.c.model_version,
-                _jobs.c.error.label("job_error")]
+                _jobs.c.error.label("job_error"), _jobs.c.attribute_models]
 
 
 def _batch_query() -> Any:
@@ -328,4 +330,12 @@ def acquire_lease(*, session: Session, name: str, holder: str, ttl_s: float) -> 
     result = session.execute(update(_leases).where(
         _leases.c.name == name, or_(_leases.c.holder == holder, _leases.c.expires_at < now),
     ).values(holder=holder, expires_at=expires))
+    return _rowcount(result) == 1
+
+
+def release_lease(*, session: Session, name: str, holder: str) -> bool:
+    """Give the lease ``name`` up if ``holder`` holds it (it expires now), so that the next taker need not wait for
+    it to run out. Commit right after. Returns True if ``holder`` held it."""
+    result = session.execute(update(_leases).where(_leases.c.name == name, _leases.c.holder == holder)
+                             .values(expires_at=_now()))
     return _rowcount(result) == 1

@@ -1,5 +1,6 @@
-"""SQLAlchemy models of the catalog database: catalogued items, sorting jobs, the batches of each job, leases and
-the log of human review decisions.
+"""SQLAlchemy models of the catalog database: catalogued items and their attributes, sorting jobs, the batches of
+each job, leases, the log of human review decisions, the history of every catalog row, and the webhooks' outbox and
+cursor.
 
 The schema itself is created by the Alembic migrations in ``migrations/versions``; these models must match
 them (``tests/test_migrations.py`` checks it with Alembic's autogenerate comparison).
@@ -12,6 +13,8 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Dialect,
@@ -27,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from pipeline.records import STATUSES
+from pipeline.records import SORT_STATUSES, STATUSES
 
 JOB_STATUSES: tuple[str, ...] = ("listing", "running", "done", "failed", "cancelled")
 TERMINAL_JOB_STATUSES: tuple[str, ...] = ("done", "failed", "cancelled")
@@ -38,6 +41,9 @@ BATCH_STATES: tuple[str, ...] = ("queued", "running", "done", "failed", "cancell
 #: ``accept`` (the model's top-1 accepted, :func:`db.reviews.accept_top1`) or ``undo`` (an earlier one undone).
 REVIEW_ACTIONS: tuple[str, ...] = ("review", "accept", "undo")
 REVIEW_QUEUE_WHERE = "status = 'needs_review'"
+#: Who wrote a ``catalog_history`` entry: ``model`` (a sort, :func:`db.catalog.upsert_items`), ``review`` (a human's
+#: decision or its undo, :mod:`db.reviews`) or ``rollback`` (a job's writes taken back).
+HISTORY_SOURCES: tuple[str, ...] = ("model", "review", "rollback")
 
 # Deterministic constraint and index names, so that migrations (and SQLite batch mode) can refer to them.
 NAMING_CONVENTION = {
@@ -128,6 +134,38 @@ class CatalogItem(Base):
     )
 
 
+class CatalogAttribute(Base):
+    """What the model of one attribute other than the category (``toe``, ``material``) predicted for one item
+    (:mod:`db.attributes`): one row per item and attribute, written by the sort that writes the item's row, in its
+    transaction; the next prediction of that attribute replaces it.
+
+    ``item_id`` is the item's ``catalog_items`` key. ``value`` is the model's top-1 (null: ``failed``, whose
+    ``error`` says why), ``confidence`` its probability 0..1, ``status`` ``sorted`` or ``needs_review`` by the
+    attribute model's own review threshold (``error`` = ``unknown`` when its open-set score rejected the photo),
+    ``topk`` ``[[value, probability], ...]``.
+    """
+
+    __tablename__ = "catalog_attributes"
+
+    item_id: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    attribute: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str | None] = mapped_column(String(255))
+    confidence: Mapped[float | None] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    topk: Mapped[list[list[str | float]] | None] = mapped_column(JSON)
+    model_name: Mapped[str | None] = mapped_column(String(255))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    job_id: Mapped[str | None] = mapped_column(String(36))
+    updated_at: Mapped[datetime]
+
+    __table_args__ = (
+        CheckConstraint(_in_list("status", SORT_STATUSES), name="status"),
+        # a re-categorisation's selection: an attribute's rows by version
+        Index(None, "attribute", "model_version"),
+    )
+
+
 class SortingJob(Base):
     """One sorting run over a source (a directory, bucket prefix or manifest), split into batches."""
 
@@ -150,6 +188,9 @@ class SortingJob(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     updated_at: Mapped[datetime]
+    # The job's models of other attributes than the category, beside model_path's:
+    # [{"attribute", "path", "name", "version"}, ...] (pipeline.attributes.AttributeModel); null: none.
+    attribute_models: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
 
     __table_args__ = (CheckConstraint(_in_list("status", JOB_STATUSES), name="status"),)
 
@@ -235,3 +276,102 @@ class Review(Base):
         Index(None, "item_id"),
         Index(None, "decided_at"),
     )
+
+
+class CatalogHistory(Base):
+    """One state of one catalog row, appended in the transaction that wrote it: every row a sort writes (not the
+    reviewed rows it leaves alone), every human decision and undo, every rollback (:mod:`db.history`).
+
+    ``item_id`` is the row's ``catalog_items`` key. ``category`` ... ``topk`` are the row as that write left it;
+    ``reason`` is its ``error`` for a sort (why it failed, ``unknown``), the decision (``review``, ``accept``,
+    ``undo``) for a review. ``job_id`` is the sort's job (null for a review), ``changed_by`` the reviewer.
+    ``previous_category`` / ``previous_status`` are the item's state before the write (null: a new item) and
+    ``changed`` says whether the category or status differs from it (or the item is new): the change feed is the
+    ``changed`` entries in ``id`` order. ``id`` is the feed's cursor.
+    """
+
+    __tablename__ = "catalog_history"
+
+    # BIGSERIAL on PostgreSQL; INTEGER PRIMARY KEY AUTOINCREMENT on SQLite (the rowid: no id is ever used twice).
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    item_id: Mapped[str] = mapped_column(String(1024))
+    job_id: Mapped[str | None] = mapped_column(String(36))
+    model_name: Mapped[str | None] = mapped_column(String(255))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    category: Mapped[str | None] = mapped_column(String(255))
+    confidence: Mapped[float | None] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16))
+    topk: Mapped[list[list[str | float]] | None] = mapped_column(JSON)
+    reason: Mapped[str | None] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(16))
+    changed_by: Mapped[str | None] = mapped_column(String(255))
+    changed: Mapped[bool] = mapped_column(Boolean)
+    previous_category: Mapped[str | None] = mapped_column(String(255))
+    previous_status: Mapped[str | None] = mapped_column(String(16))
+    written_at: Mapped[datetime]
+
+    __table_args__ = (
+        CheckConstraint(_in_list("source", HISTORY_SOURCES), name="source"),
+        # An item's entries in order: its previous state (every write looks it up), its history, pruning.
+        Index(None, "item_id", "id"),
+        # A job's entries: what a rollback restores (db.history.previous_entries). The change feed has no index of
+        # its own: it reads the primary key from its cursor on, and its cursor moves past unchanged entries too.
+        Index(None, "job_id"),
+        {"sqlite_autoincrement": True},
+    )
+
+
+#: What a webhook tells: ``item.changed`` (an entry of the change feed) or ``job.completed`` (a job ended: done,
+#: failed or cancelled). :mod:`db.webhooks`.
+WEBHOOK_EVENT_TYPES: tuple[str, ...] = ("item.changed", "job.completed")
+WEBHOOK_PENDING_WHERE = "delivered_at IS NULL"
+
+
+class WebhookOutbox(Base):
+    """One webhook event to deliver, and how its delivery went (:mod:`db.webhooks`).
+
+    ``event_id`` is the event's idempotency key (the ``webhook-id`` header; ``change:<cursor>``,
+    ``job:<job id>:<status>:<finished_at in microseconds>``): unique, the same on every attempt. ``payload`` is the
+    exact request body, so that every attempt sends the same bytes. A row is pending until ``delivered_at`` is set
+    (a 2xx answer); ``attempts`` counts the POSTs so far, ``next_attempt_at`` is when it is due (retries back off),
+    ``last_status`` / ``last_error`` say how the last attempt failed (the HTTP status, or null: no answer).
+    """
+
+    __tablename__ = "webhook_outbox"
+
+    # BIGSERIAL on PostgreSQL; INTEGER PRIMARY KEY AUTOINCREMENT on SQLite.
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(160), unique=True)
+    event_type: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    next_attempt_at: Mapped[datetime]
+    delivered_at: Mapped[datetime | None]
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        CheckConstraint(_in_list("event_type", WEBHOOK_EVENT_TYPES), name="event_type"),
+        # What is due, oldest first: only pending rows are in it, so delivered ones cost nothing.
+        Index("ix_webhook_outbox_due", "next_attempt_at", "id",
+              postgresql_where=text(WEBHOOK_PENDING_WHERE), sqlite_where=text(WEBHOOK_PENDING_WHERE)),
+        Index(None, "delivered_at"),  # pruning delivered rows
+        {"sqlite_autoincrement": True},
+    )
+
+
+class WebhookCursor(Base):
+    """Where the webhooks' producer is (one row, ``name`` = ``webhooks``): ``feed_cursor``, the change feed's cursor
+    read up to; ``jobs_after``, the time of its last look at ended jobs; ``started_at``, when it first ran (jobs
+    that ended before are not told)."""
+
+    __tablename__ = "webhook_cursor"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    feed_cursor: Mapped[int] = mapped_column(BigInteger)
+    jobs_after: Mapped[datetime]
+    started_at: Mapped[datetime]
+    updated_at: Mapped[datetime]

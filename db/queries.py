@@ -7,12 +7,13 @@ the caller's transaction and never commits. Nothing here writes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, cast
 
 from sqlalchemy import Table, func, select
 from sqlalchemy.orm import Session
 
+from db.attributes import attributes_of
 from db.catalog import CatalogRow
 from db.models import JOB_STATUSES, CatalogItem, SortingJob
 
@@ -26,7 +27,8 @@ def _row_columns() -> list[Any]:
     """The columns of a :class:`CatalogRow`, in its field order; ``item_id`` is the whole id (``item_id_full`` for a
     row stored under a derived key)."""
     whole_id = func.coalesce(_items.c.item_id_full, _items.c.item_id)
-    return [whole_id if f.name == "item_id" else _items.c[f.name] for f in fields(CatalogRow)]
+    return [whole_id if f.name == "item_id" else _items.c[f.name] for f in fields(CatalogRow)
+            if f.name != "attributes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +82,7 @@ def list_items(*, session: Session, filters: ItemFilters | None = None, after: s
         limit: rows per page, at least 1.
 
     Returns:
-        An :class:`ItemPage`; its rows' ``item_id`` is the whole id.
+        An :class:`ItemPage`; its rows' ``item_id`` is the whole id, with their :attr:`CatalogRow.attributes`.
 
     Raises:
         ValueError: ``limit`` below 1.
@@ -95,7 +97,8 @@ def list_items(*, session: Session, filters: ItemFilters | None = None, after: s
         stmt = stmt.where(*conditions)
     found = session.execute(stmt).all()
     page = found[:limit]
-    rows = [CatalogRow(*row[1:]) for row in page]
+    attributes = attributes_of(session=session, keys=[row.key for row in page])
+    rows = [replace(CatalogRow(*row[1:]), attributes=attributes.get(row.key, {})) for row in page]
     return ItemPage(rows, page[-1].key if len(found) > limit else None)
 
 

@@ -5,8 +5,10 @@ unknown"), its ``confidence`` null, and the model's top-1 and probability move t
 ``model_confidence`` (the first time; a second decision on the same row keeps them), with ``reviewed_by`` and
 ``reviewed_at``. :func:`db.catalog.upsert_items` never overwrites a reviewed row, so no later sort or re-sort
 changes it. Every decision is appended to ``reviews`` (who, when, the model version and prediction it corrected,
-the row as it was before), and so is every undo. Like :mod:`db.catalog`, every function takes the session as a
-keyword argument, runs in the caller's transaction and never commits.
+the row as it was before), and so is every undo; each decision and undo also appends the row's new state to
+``catalog_history`` (source ``review``, the decision in ``reason``, the reviewer in ``changed_by``). Like
+:mod:`db.catalog`, every function takes the session as a keyword argument, runs in the caller's transaction and
+never commits.
 
 Each write locks the rows it decides on before reading them (``SELECT ... FOR UPDATE`` in ``item_id`` order on
 PostgreSQL; the write lock first on SQLite), so two reviewers of one item, or a reviewer and a sort, never lose
@@ -23,7 +25,7 @@ from typing import Any, cast
 from sqlalchemy import Row, Table, func, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from db.catalog import CatalogRow, _select_rows, catalog_key
+from db.catalog import CatalogRow, _select_rows, catalog_key, record_history
 from db.models import CatalogItem
 from db.models import Review as ReviewModel
 from pipeline.errors import InvsortError
@@ -188,6 +190,7 @@ def record_review(
             model_confidence=entry["model_confidence"], reviewed_by=reviewer, reviewed_at=now, updated_at=now,
         )
     )
+    record_history(session=session, keys=[row.item_id], source="review", reason="review", changed_by=reviewer)
     return _append(session, item_id, entry)
 
 
@@ -229,6 +232,7 @@ def undo_review(*, session: Session, item_id: str, reviewer: str) -> Review | No
                     "model_category": None, "model_confidence": None, "reviewed_by": None, "reviewed_at": None}
     session.execute(update(_items).where(_items.c.item_id == row.item_id)
                     .values(status=last.previous_status, updated_at=now, **restored))
+    record_history(session=session, keys=[row.item_id], source="review", reason="undo", changed_by=reviewer)
     session.execute(update(_reviews).where(_reviews.c.id == last.id).values(undone_at=now))
     entry = _entry(row, action="undo", category=last.previous_category, reviewer=reviewer, now=now)
     entry.update(model_name=last.model_name, model_version=last.model_version,
@@ -270,6 +274,8 @@ def accept_top1(*, session: Session, item_ids: Sequence[str], reviewer: str) -> 
                 confidence=None, reviewed_by=reviewer, reviewed_at=now, updated_at=now,
             )
         )
+    record_history(session=session, keys=[row.item_id for row in todo], source="review", reason="accept",
+                   changed_by=reviewer)
     entries = [_entry(row, action="accept", category=row.category, reviewer=reviewer, now=now) for row in todo]
     session.execute(insert(_reviews), entries)
     return len(todo)

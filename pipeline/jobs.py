@@ -25,10 +25,12 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from db.catalog import JobNotFoundError, StatusCounts, complete_job_if_done, fail_job, record_batch, upsert_items
 from db.jobs import (
@@ -50,13 +52,13 @@ from db.jobs import (
     stale_listing_jobs,
 )
 from db.session import session_scope
+from pipeline.attributes import attribute_models_of
 from pipeline.errors import InvsortError, ModelFileError
-from pipeline.inference.predictor import Predictor
-from pipeline.inference.streaming import run_pipeline
+from pipeline.inference.streaming import Summary, run_pipeline
 from pipeline.io.storage import ObjectReader, make_reader
 from pipeline.records import Item, ItemResult
 from pipeline.settings import Settings
-from pipeline.sorting import count_statuses, get_predictor
+from pipeline.sorting import AnyPredictor, count_statuses, job_predictor
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,44 @@ LISTING_STALE = timedelta(minutes=10)
 
 class BatchBusy(InvsortError):
     """Another live worker holds this batch (a duplicate delivery): try again later."""
+
+
+class BatchObserver(Protocol):
+    """What :func:`run_batch` tells whoever watches it (a worker's metrics: :mod:`worker.metrics`)."""
+
+    def model(self, predictor: AnyPredictor) -> None:
+        """The batch runs on ``predictor``."""
+
+    def written(self, rows: Sequence[ItemResult]) -> None:
+        """``rows`` were committed to the catalog."""
+
+    def stages(self, seconds: Mapping[str, float]) -> None:
+        """Where the batch's time went: ``fetch`` and ``decode`` (summed over the decode threads), ``forward``
+        and ``write`` (the catalog transactions), in seconds; once a batch, when it ran to the end."""
+
+
+class _Unobserved:
+    def model(self, predictor: AnyPredictor) -> None:
+        pass
+
+    def written(self, rows: Sequence[ItemResult]) -> None:
+        pass
+
+    def stages(self, seconds: Mapping[str, float]) -> None:
+        pass
+
+
+STAGES = ("fetch", "decode", "forward", "write")
+
+
+def _add_stages(seconds: dict[str, float], summary: Summary | None = None, write_s: float = 0.0) -> dict[str, float]:
+    """``seconds`` (by stage) plus a run's: its summary's fetch, decode and forward, and ``write_s``."""
+    if summary is not None:
+        seconds["fetch"] = seconds.get("fetch", 0.0) + summary.fetch_s
+        seconds["decode"] = seconds.get("decode", 0.0) + summary.decode_s
+        seconds["forward"] = seconds.get("forward", 0.0) + summary.forward_s
+    seconds["write"] = seconds.get("write", 0.0) + write_s
+    return seconds
 
 
 def worker_id() -> str:
@@ -147,16 +187,18 @@ def failed_rows(items: list[Item], reason: str, job_id: str) -> list[ItemResult]
             for it in items]
 
 
-def give_up(url: str, batch: Batch, reason: str) -> StatusCounts:
+def give_up(url: str, batch: Batch, reason: str, observer: BatchObserver | None = None) -> StatusCounts:
     """Write the batch's items not written yet as ``failed`` rows with ``reason``, record it ``failed`` and
     complete its job if that was the last batch. Returns the batch's counts."""
     items = [Item(i, u) for i, u in batch.items or []]
     start = batch.progress or 0
+    rows = failed_rows(items[start:], reason, batch.job_id)
     with session_scope(url) as session:
-        upsert_items(session=session, rows=failed_rows(items[start:], reason, batch.job_id))
+        upsert_items(session=session, rows=rows)
         counts = batch_counts(session=session, job_id=batch.job_id, batch_no=batch.batch_no)
         counts["failed_count"] += len(items) - start
         record_batch(session=session, job_id=batch.job_id, batch_no=batch.batch_no, state="failed", **counts)
+    (observer or _Unobserved()).written(rows)
     with session_scope(url) as session:
         complete_job_if_done(session=session, job_id=batch.job_id)
     log.error("job %s batch %s: %d item(s) failed: %s", batch.job_id, batch.batch_no, len(items) - start, reason)
@@ -174,7 +216,8 @@ def fail_job_of(url: str, batch: Batch, reason: str) -> None:
 
 
 def run_batch(job_id: str, batch_no: int, *, settings: Settings, worker: str | None = None,
-              crash_exceptions: tuple[type[BaseException], ...] = ()) -> StatusCounts | dict:
+              crash_exceptions: tuple[type[BaseException], ...] = (),
+              observer: BatchObserver | None = None) -> StatusCounts | dict:
     """Run one delivery of a stored batch (see the module docstring). Returns the batch's counts by status
     (empty when this delivery had nothing to do).
 
@@ -183,6 +226,7 @@ def run_batch(job_id: str, batch_no: int, *, settings: Settings, worker: str | N
         crash_exceptions: raised by the caller's watchdog (a soft time limit): the batch is left as if its
             worker had died, so that its next delivery runs it item by item. So is it after a ``SystemExit`` or
             ``KeyboardInterrupt`` (Celery's hard time limit terminates the process).
+        observer: told the model, the rows written and the time by stage (:class:`BatchObserver`).
 
     Raises:
         BatchBusy: another live worker holds the batch; deliver it again later.
@@ -191,6 +235,7 @@ def run_batch(job_id: str, batch_no: int, *, settings: Settings, worker: str | N
             (``queued``, with the error) where the database allowed, to be retried.
     """
     worker = worker or worker_id()
+    observer = observer or _Unobserved()
     url = settings.database_url
     stale_after = timedelta(seconds=3 * settings.heartbeat_interval_s)
     with session_scope(url) as session:
@@ -209,12 +254,12 @@ def run_batch(job_id: str, batch_no: int, *, settings: Settings, worker: str | N
             reason = ""
             claim_batch(session=session, job_id=job_id, batch_no=batch_no, worker=worker)
     if reason:
-        return give_up(url, batch, reason)
+        return give_up(url, batch, reason, observer)
     crashed = decision.action == "crashed"
     if crashed:
         log.warning("job %s batch %s: %s; running it item by item", job_id, batch_no, decision.reason)
     try:
-        return _run_claimed(batch, settings=settings, worker=worker, crashed=crashed)
+        return _run_claimed(batch, settings=settings, worker=worker, crashed=crashed, observer=observer)
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
         try:
@@ -228,39 +273,46 @@ def run_batch(job_id: str, batch_no: int, *, settings: Settings, worker: str | N
         raise
 
 
-def _run_claimed(batch: Batch, *, settings: Settings, worker: str, crashed: bool) -> StatusCounts | dict:
+def _run_claimed(batch: Batch, *, settings: Settings, worker: str, crashed: bool,
+                 observer: BatchObserver) -> StatusCounts | dict:
     url = settings.database_url
     reader = make_reader(settings)
     try:
-        predictor = get_predictor(settings, batch.model_path, reader=reader, version=batch.model_version)
+        predictor = job_predictor(settings, batch.model_path, attribute_models_of(batch.attribute_models),
+                                  reader=reader, version=batch.model_version)
     except (ModelFileError, FileNotFoundError, PermissionError) as exc:
         fail_job_of(url, batch, f"model {batch.model_path} is not usable on worker {worker}: {exc}")
         return {}
+    observer.model(predictor)
     items = [Item(i, u) for i, u in batch.items or []]
     with keep_heartbeat(url, batch.job_id, batch.batch_no, worker, settings.heartbeat_interval_s):
         if crashed or batch.progress is not None:
             counts = _run_item_by_item(batch, items, settings=settings, predictor=predictor, reader=reader,
-                                       crashed=crashed)
+                                       crashed=crashed, observer=observer)
         else:
             rows: list[ItemResult] = []
-            run_pipeline(items, predictor=predictor, reader=reader, on_batch=rows.extend,
-                         batch_size=settings.batch_size, decode_threads=settings.decode_threads,
-                         max_pixels=settings.max_image_pixels, job_id=batch.job_id,
-                         decode_memory_bytes=settings.decode_memory_bytes)
+            summary = run_pipeline(items, predictor=predictor, reader=reader, on_batch=rows.extend,
+                                   batch_size=settings.batch_size, decode_threads=settings.decode_threads,
+                                   max_pixels=settings.max_image_pixels, job_id=batch.job_id,
+                                   decode_memory_bytes=settings.decode_memory_bytes)
+            began = time.perf_counter()
             with session_scope(url) as session:
                 upsert_items(session=session, rows=rows)  # a row the database refuses becomes failed in rows
                 counts = count_statuses(rows)
                 record_batch(session=session, job_id=batch.job_id, batch_no=batch.batch_no, **counts)
+            observer.written(rows)
+            observer.stages(_add_stages({}, summary, time.perf_counter() - began))
     with session_scope(url) as session:
         complete_job_if_done(session=session, job_id=batch.job_id)
     return counts
 
 
-def _run_item_by_item(batch: Batch, items: list[Item], *, settings: Settings, predictor: Predictor,
-                      reader: ObjectReader, crashed: bool) -> StatusCounts:
+def _run_item_by_item(batch: Batch, items: list[Item], *, settings: Settings, predictor: AnyPredictor,
+                      reader: ObjectReader, crashed: bool, observer: BatchObserver) -> StatusCounts:
     """Sort a batch that crashed its worker one item at a time, committing each row with the position reached,
     so that the next crash is blamed on the one item in progress."""
     url, job_id, batch_no = settings.database_url, batch.job_id, batch.batch_no
+    seconds = dict.fromkeys(STAGES, 0.0)
     position = batch.progress or 0
     crashes = batch.item_crashes + 1 if crashed and batch.progress is not None else 0
     with session_scope(url) as session:
@@ -275,18 +327,23 @@ def _run_item_by_item(batch: Batch, items: list[Item], *, settings: Settings, pr
                       item.item_id)
         else:
             rows = []
-            run_pipeline([item], predictor=predictor, reader=reader, on_batch=rows.extend, batch_size=1,
-                         decode_threads=1, max_pixels=settings.max_image_pixels, job_id=batch.job_id,
-                         decode_memory_bytes=settings.decode_memory_bytes)
+            _add_stages(seconds, run_pipeline(
+                [item], predictor=predictor, reader=reader, on_batch=rows.extend, batch_size=1, decode_threads=1,
+                max_pixels=settings.max_image_pixels, job_id=batch.job_id,
+                decode_memory_bytes=settings.decode_memory_bytes))
         position += 1
         crashes = 0
+        began = time.perf_counter()
         with session_scope(url) as session:
             upsert_items(session=session, rows=rows)
             advance(session=session, job_id=job_id, batch_no=batch_no, progress=position,
                     counts=count_statuses(rows))
+        _add_stages(seconds, write_s=time.perf_counter() - began)
+        observer.written(rows)
     with session_scope(url) as session:
         counts = batch_counts(session=session, job_id=job_id, batch_no=batch_no)
         record_batch(session=session, job_id=job_id, batch_no=batch_no, **counts)
+    observer.stages(seconds)
     return counts
 
 
@@ -300,14 +357,18 @@ class Reconciler:
             acknowledged), or None when the broker cannot be inspected; then a queued batch counts as lost only
             after the visibility timeout.
         holder: this process's name for the lease (default :func:`worker_id`).
+        observer: told the ``failed`` rows of the batches it gives up (the worker's metrics count them with the
+            rows the batches' own tasks write).
     """
 
     LEASE = "reconciler"
 
     def __init__(self, settings: Settings, *, enqueue: Enqueue,
-                 broker_task_ids: Callable[[], set[str] | None], holder: str | None = None) -> None:
+                 broker_task_ids: Callable[[], set[str] | None], holder: str | None = None,
+                 observer: BatchObserver | None = None) -> None:
         self.settings, self.enqueue, self.broker_task_ids = settings, enqueue, broker_task_ids
         self.holder = holder or worker_id()
+        self.observer = observer
         self._missing_once: set[str] = set()  # task ids absent from the broker in the previous pass
 
     def run_once(self) -> dict[str, int]:
@@ -352,7 +413,7 @@ class Reconciler:
         s = self.settings
         if batch.requeues >= s.max_requeues:
             give_up(s.database_url, batch, f"lost {batch.requeues + 1} times (never finished by a worker): "
-                                           f"{batch.error or 'its task vanished from the queue'}")
+                                           f"{batch.error or 'its task vanished from the queue'}", self.observer)
             report["given_up"] += 1
             return
         with session_scope(s.database_url) as session:

@@ -43,11 +43,32 @@ class Item:
 
 
 @dataclass(slots=True)
+class AttributeResult:
+    """What the model of one attribute other than the category found for one item: one row of
+    ``catalog_attributes`` (:mod:`db.attributes`).
+
+    ``value`` is the model's top-1 and ``confidence`` its probability 0..1 (both None when ``failed``);
+    ``status`` is ``sorted`` or ``needs_review`` by that model's own review threshold (``error`` = ``unknown`` when
+    its open-set score rejected the photo); ``topk`` is ``[[value, probability], ...]``, best first.
+    """
+
+    attribute: str
+    status: Status
+    value: str | None = None
+    confidence: float | None = None
+    topk: list[list[str | float]] = field(default_factory=list)
+    error: str | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+
+
+@dataclass(slots=True)
 class ItemResult:
     """What the pipeline found for one item: one row of ``catalog_items``.
 
     ``category`` and ``confidence`` are None for ``failed`` rows, whose ``error`` says why.
-    ``topk`` is ``[[class_name, probability], ...]``, best first, probabilities in 0..1.
+    ``topk`` is ``[[class_name, probability], ...]``, best first, probabilities in 0..1. ``attributes`` are the
+    predictions of the job's models of other attributes (none for a failed item: its photo was never read).
     """
 
     item_id: str
@@ -60,3 +81,4 @@ class ItemResult:
     model_name: str | None = None
     model_version: str | None = None
     job_id: str | None = None
+    attributes: list[AttributeResult] = field(default_factory=list)  # other attributes' models, in job order

@@ -13,15 +13,14 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import IO
-
-import torch
+from typing import IO, TYPE_CHECKING, TypeAlias, cast
 
 from db.catalog import (
     JobStateError,
@@ -37,30 +36,40 @@ from db.catalog import (
 from db.jobs import add_batches, task_id_for
 from db.models import TERMINAL_JOB_STATUSES
 from db.session import session_scope
-from pipeline.errors import ModelVersionError, SourceError
-from pipeline.inference.predictor import Predictor, PredictorOptions
+from pipeline.attributes import AttributeModel, job_models
+from pipeline.errors import ConfigError, ModelVersionError, SourceError
+from pipeline.inference.lean import PredictorOptions, load_lean_predictor
 from pipeline.inference.streaming import Summary, run_pipeline
 from pipeline.io.sources import iter_source
 from pipeline.io.storage import ObjectReader, TooLargeError, local_path, make_reader
 from pipeline.models.fileversion import Fingerprint, model_file_fingerprint
-from pipeline.models.modelfile import load_model_file
+from pipeline.models.meta import CATEGORY
+from pipeline.models.runtimes import default_threads, require_torch, set_default_threads
 from pipeline.records import Item, ItemResult, printable
 from pipeline.settings import Settings
 
+if TYPE_CHECKING:
+    from pipeline.inference.lean import LeanPredictor
+    from pipeline.inference.predictor import Predictor
+
 log = logging.getLogger(__name__)
 
-# (model spec, options, torch threads of the loading thread: cpu_streams=0 means one stream per thread)
+# INVSORT_RUNTIME=torch: the PyTorch network; onnxruntime / openvino: the model's ONNX export, without torch.
+AnyPredictor: TypeAlias = "Predictor | LeanPredictor"
+# (model spec, options, inference threads of the loading thread: cpu_streams=0 means one stream per thread)
 _PredictorKey = tuple[str, PredictorOptions, int]
-_predictors: OrderedDict[_PredictorKey, Predictor] = OrderedDict()
+_predictors: OrderedDict[_PredictorKey, AnyPredictor] = OrderedDict()
 _predictors_lock = threading.Lock()
 _fingerprints: dict[_PredictorKey, Fingerprint] = {}  # what the file looked like when each cached one was loaded
 MAX_CACHED_PREDICTORS = 4
 
 
 def get_predictor(settings: Settings, model_spec: str | None = None, *, reader: ObjectReader | None = None,
-                  version: str | None = None) -> Predictor:
-    """The process's :class:`Predictor` for a model and ``settings``, loaded once and reused by later batches
-    while the file behind the spec is unchanged.
+                  version: str | None = None) -> AnyPredictor:
+    """The process's predictor for a model and ``settings``, loaded once and reused by later batches while the
+    file behind the spec is unchanged: a :class:`~pipeline.inference.predictor.Predictor` for
+    ``INVSORT_RUNTIME=torch``, else a :class:`~pipeline.inference.lean.LeanPredictor`, which runs the model's ONNX
+    export and never imports torch (:func:`_load_predictor`).
 
     Each call checks the file once (:func:`pipeline.models.fileversion.model_file_fingerprint`: ``os.stat`` of a
     local file, one S3 ``HeadObject`` for ``s3://``); a file replaced or rewritten since is loaded again and the
@@ -80,12 +89,17 @@ def get_predictor(settings: Settings, model_spec: str | None = None, *, reader: 
         ModelVersionError: ``version`` is given and the file's version, computed from its content as loaded, is
             another; the message names the spec, the pinned version and the file's version now.
         FileNotFoundError, PermissionError, OSError: the file cannot be stat'ed, HEAD'ed or read.
-        ModelFileError: the file is not a usable model file (:func:`load_model_file`).
-        ConfigError: ``settings`` ask for something this machine cannot do (:class:`Predictor`).
+        ModelFileError: the file is not a usable model file.
+        ConfigError: ``settings`` ask for something this machine cannot do, or (a CPU runtime) the model has no
+            usable ONNX export and torch is not installed to make one.
     """
     spec = model_spec or settings.model_path
     reader = reader or make_reader(settings)
-    key = (spec, PredictorOptions.from_settings(settings), torch.get_num_threads())
+    options = PredictorOptions.from_settings(settings)
+    if options.runtime == "torch":
+        require_torch("INVSORT_RUNTIME=torch (the default)")
+        import torch  # noqa: F401 (before default_threads: its count is torch's once torch is here)
+    key = (spec, options, default_threads())
     fingerprint = model_file_fingerprint(spec, reader=reader)  # before the read: a later change reloads again
     with _predictors_lock:
         predictor = _predictors.get(key)
@@ -97,9 +111,9 @@ def get_predictor(settings: Settings, model_spec: str | None = None, *, reader: 
                          predictor.model_file.version)
                 del _predictors[key]
                 predictor.close()
-            mf = load_model_file(spec, reader=reader)
-            predictor = _predictors[key] = Predictor(mf, key[1])
+            predictor = _predictors[key] = _load_predictor(spec, options, reader)
             _fingerprints[key] = fingerprint
+            mf = predictor.model_file
             log.info("loaded model %s version %s on %s with %s, JPEG decoding with %s", mf.name, mf.version,
                      predictor.device, settings.runtime, predictor.decode_backend)
             while len(_predictors) > MAX_CACHED_PREDICTORS:
@@ -110,6 +124,43 @@ def get_predictor(settings: Settings, model_spec: str | None = None, *, reader: 
         raise ModelVersionError(f"model file {spec} has changed since the job was submitted: the job pinned version "
                                 f"{version}, the file now has version {predictor.model_file.version}")
     return predictor
+
+
+def job_predictor(settings: Settings, model_spec: str | None, attribute_models: Sequence[AttributeModel] = (), *,
+                  reader: ObjectReader | None = None, version: str | None = None) -> AnyPredictor:
+    """The predictor of a job: :func:`get_predictor` of its category model, and with models of other attributes
+    (:mod:`pipeline.attributes`) one :class:`~pipeline.inference.attributes.WithAttributes` that runs them all on
+    each batch, each model pinned to its version. ``INVSORT_REVIEW_THRESHOLD`` applies to the category model only:
+    each attribute model keeps its own calibrated threshold.
+
+    Raises:
+        ConfigError: the model ``model_spec`` names predicts another attribute than the category.
+        What :func:`get_predictor` raises, for any of the models.
+    """
+    reader = reader or make_reader(settings)
+    primary = get_predictor(settings, model_spec, reader=reader, version=version)
+    if primary.model_file.attribute != CATEGORY:
+        raise ConfigError(f"no model predicts the category ({model_spec or settings.model_path} predicts "
+                          f"'{primary.model_file.attribute}'): a job writes each item's category, so name a model "
+                          f"that predicts '{CATEGORY}' too (--model shoes.pt --model toe.pt)")
+    if not attribute_models:
+        return primary
+    from pipeline.inference.attributes import WithAttributes
+
+    own = settings.model_copy(update={"review_threshold": None})
+    return cast("AnyPredictor", WithAttributes(primary, [
+        (m.attribute, get_predictor(own, m.path, reader=reader, version=m.version)) for m in attribute_models]))
+
+
+def _load_predictor(spec: str, options: PredictorOptions, reader: ObjectReader) -> AnyPredictor:
+    """A new predictor of the model file ``spec``: the PyTorch network for ``options.runtime == "torch"``, else
+    its ONNX export run without torch (:func:`pipeline.inference.lean.load_lean_predictor`)."""
+    if options.runtime != "torch":
+        return load_lean_predictor(spec, options, reader=reader)
+    from pipeline.inference.predictor import Predictor
+    from pipeline.models.modelfile import load_model_file
+
+    return Predictor(load_model_file(spec, reader=reader), options)
 
 
 @atexit.register
@@ -159,6 +210,9 @@ def sort_source(
     on_progress: Callable[[list[ItemResult]], None] | None = None,
     on_job: Callable[[str], None] | None = None,
     allow_source_root: bool = True,
+    items: Iterable[Item] | None = None,
+    reader: ObjectReader | None = None,
+    more_models: Sequence[str] = (),
 ) -> SortOutcome:
     """Embedded mode: sort every image of ``source`` in this process into ``settings.database_url``.
 
@@ -172,23 +226,38 @@ def sort_source(
         on_job: called with the job's id once its row is committed (before any image is read).
         allow_source_root: the local folder ``source`` names (a manifest's folder) may be read even when it is not
             in ``INVSORT_LOCAL_ROOTS`` (the command line); False: only the configured roots (the HTTP API).
+        items: the items to sort, listed by the caller (a re-categorisation's catalog rows,
+            :mod:`pipeline.recategorize`); ``source`` is then only the job's label and names no folder.
+        reader: reads the photos (None: a reader for ``settings``, plus the source's folder).
+        more_models: model files of other attributes (or the category model, ``model_spec`` then being one of
+            another attribute): each item gets every model's prediction (:mod:`pipeline.attributes`).
 
     Raises:
         SourceError, FileNotFoundError, PermissionError: the source cannot be listed (a local source that is
             missing or outside the allowed folders: before the job row is made).
         ModelFileError: the model file is not usable.
+        ConfigError: the models do not make a job (:func:`pipeline.attributes.job_models`).
         JobEndedError: the job was cancelled or failed from outside while it ran.
     """
-    reader = make_reader(settings, extra_roots=source_roots(source) if allow_source_root else ())
-    predictor = get_predictor(settings, model_spec, reader=reader)
+    if reader is None:
+        roots = source_roots(source) if allow_source_root and items is None else ()
+        reader = make_reader(settings, extra_roots=roots)
+    attribute_models: list[AttributeModel] = []
+    if more_models or settings.attribute_models:
+        models = job_models([model_spec or settings.model_path, *more_models], default=settings.model_path,
+                            configured=settings.attribute_models, reader=reader)
+        model_spec, attribute_models = models.category_spec, models.attributes
+    predictor = job_predictor(settings, model_spec, attribute_models, reader=reader)
     mf = predictor.model_file
     url = settings.database_url
-    items: Iterator[Item] = iter_source(source, reader)  # local checks (roots, existence) happen here
+    # local checks (roots, existence) happen here
+    listed: Iterator[Item] = iter_source(source, reader) if items is None else iter(items)
     if limit is not None:
-        items = islice(items, limit)
+        listed = islice(listed, limit)
     with session_scope(url) as session:
         job_id = create_job(session=session, source=printable(source), model_path=model_spec or settings.model_path,
-                            model_name=mf.name, model_version=mf.version)
+                            model_name=mf.name, model_version=mf.version,
+                            attribute_models=[m.to_json() for m in attribute_models])
     if on_job:
         on_job(job_id)
     batch_no = 0
@@ -208,7 +277,7 @@ def sort_source(
 
     try:
         summary = run_pipeline(
-            items, predictor=predictor, reader=reader, on_batch=write, batch_size=settings.batch_size,
+            listed, predictor=predictor, reader=reader, on_batch=write, batch_size=settings.batch_size,
             decode_threads=settings.decode_threads, max_pixels=settings.max_image_pixels, job_id=job_id,
             decode_memory_bytes=settings.decode_memory_bytes,
         )
@@ -333,6 +402,8 @@ def submit_job(
     limit: int | None = None,
     on_job: Callable[[str], None] | None = None,
     allow_source_root: bool = True,
+    items: Iterable[Item] | None = None,
+    more_models: Sequence[str] = (),
 ) -> tuple[str, int, int]:
     """Create the job row and commit it, then list ``source``, store its batches and enqueue their tasks.
 
@@ -340,24 +411,31 @@ def submit_job(
     (:func:`db.jobs.add_batches`, ``queued``, with their ids and URIs) and committed, then
     ``enqueue(job_id, batch_no, task_id)`` is called for each: a task names a batch the database holds, and
     a task that the queue loses is found and enqueued again by the reconciler (:mod:`pipeline.jobs`).
-    ``on_job(job_id)`` is called once the job row is committed; ``allow_source_root`` as for :func:`sort_source`.
+    ``on_job(job_id)`` is called once the job row is committed; ``allow_source_root``, ``items`` (the caller's
+    own listing, ``source`` then only the job's label) and ``more_models`` as for :func:`sort_source`.
     Returns ``(job_id, total_items, total_batches)``.
 
     Raises:
         SourceError, FileNotFoundError, PermissionError: the source cannot be listed (a local source that is
             missing or outside the allowed folders: before the job row is made; else the job is marked failed).
         ModelFileError: the model file is not usable (checked before anything is enqueued).
+        ConfigError: the models do not make a job (:func:`pipeline.attributes.job_models`).
         JobStateError: the job was cancelled while it was being listed (listing stops).
     """
-    reader = make_reader(settings, extra_roots=source_roots(source) if allow_source_root else ())
-    mf = load_model_file(model_spec, reader=reader)  # refuse a bad model before any task is queued
-    items = iter_source(source, reader)  # local checks (roots, existence) happen here, S3 ones while listing
+    roots = source_roots(source) if allow_source_root and items is None else ()
+    reader = make_reader(settings, extra_roots=roots)
+    # refuse a bad model before any task is queued; its fields and version are read without torch
+    models = job_models([model_spec, *more_models], default=model_spec, configured=settings.attribute_models,
+                        reader=reader)
+    model_spec, mf = models.category_spec, models.category
+    # local checks (roots, existence) happen here, S3 ones while listing
+    listed = iter_source(source, reader) if items is None else iter(items)
     if limit is not None:
-        items = islice(items, limit)
+        listed = islice(listed, limit)
     with session_scope(settings.database_url) as session:
         job_id = create_job(session=session, source=printable(source), model_path=model_spec, model_name=mf.name,
-                            model_version=mf.version)
-    del mf
+                            model_version=mf.version, attribute_models=[m.to_json() for m in models.attributes])
+    del mf, models
     if on_job:
         on_job(job_id)
     total = batches = 0
@@ -375,7 +453,7 @@ def submit_job(
         pending.clear()
 
     try:
-        while chunk := list(islice(items, settings.items_per_task)):
+        while chunk := list(islice(listed, settings.items_per_task)):
             pending.append((batches, [[it.item_id, it.uri] for it in chunk]))
             total += len(chunk)
             batches += 1
@@ -396,7 +474,23 @@ def submit_job(
 
 
 def configure_torch_threads(share: int = 1) -> int:
-    """Give torch ``cpu_count // share`` intra-op threads (at least 1); returns the count."""
+    """Give inference ``cpu_count // share`` threads (at least 1): torch's intra-op threads when torch is imported
+    or the runtime is ``torch`` (``INVSORT_RUNTIME``), and :func:`pipeline.models.runtimes.default_threads` for
+    the ONNX runtimes, without importing torch. Returns the count."""
     n = max(1, (os.cpu_count() or 1) // max(1, share))
-    torch.set_num_threads(n)
+    set_default_threads(n)
+    if "torch" in sys.modules or _runtime_is_torch():
+        import torch
+
+        torch.set_num_threads(n)
     return n
+
+
+def _runtime_is_torch() -> bool:
+    """Whether the process's settings run the PyTorch network (True when they cannot be read: as before)."""
+    from pipeline.settings import get_settings
+
+    try:
+        return get_settings().runtime == "torch"
+    except Exception:  # invalid settings are reported where they are used
+        return True

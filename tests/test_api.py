@@ -18,6 +18,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -28,10 +29,10 @@ import redis
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
 from db.catalog import iter_items
-from db.models import CatalogItem, SortingJobBatch
+from db.models import CatalogItem, SortingJobBatch, WebhookOutbox
 from db.queries import count_jobs_by_status
 from db.session import session_scope
 from pipeline.models.modelfile import load_model_file
@@ -392,6 +393,24 @@ def test_unknown_ids_are_404_and_bad_input_is_422_saying_what_is_valid(api, root
         assert other.status_code == 422 and "made for other filters" in other.json()["detail"]
 
 
+def test_numbers_past_64_bits_are_422_not_500(api, roots):
+    """Found by tests/test_openapi_fuzz.py: a job's limit and a change cursor beyond 2**63 - 1 were 500s (islice
+    refused the limit; SQLite could not bind the cursor)."""
+    folder = copy_examples(roots / "photos")
+    for limit in (2**63, 10**30):
+        answer = api.post("/v1/jobs", json={"source": str(folder), "limit": limit})
+        assert answer.status_code == 422, answer.text
+        assert "limit: Input should be less than or equal to 9223372036854775807" in answer.json()["detail"]
+    job = api.post("/v1/jobs", json={"source": str(folder), "limit": 2**63 - 1})
+    assert job.status_code == 201, job.text
+    assert job_when_ended(api, job.json()["id"])["processed"] == 50
+    for since in (2**63, 10**30):
+        answer = api.get("/v1/changes", params={"since": since})
+        assert answer.status_code == 422, answer.text
+        assert "since: Input should be less than or equal to 9223372036854775807" in answer.json()["detail"]
+    assert api.get("/v1/changes", params={"since": 2**63 - 1}).json()["changes"] == []
+
+
 def test_a_review_decides_an_item_and_a_later_sort_keeps_it(api, roots):
     folder = copy_examples(roots / "photos")
     job = api.post("/v1/jobs", json={"source": str(folder)}).json()
@@ -443,6 +462,12 @@ def test_metrics_count_requests_classifications_and_jobs(api, db_url, roots):
     assert api.get("/no/such/route").status_code == 404
     job = api.post("/v1/jobs", json={"source": str(folder), "limit": 4}).json()
     job_when_ended(api, job["id"])
+    # a webhook event produced a minute ago and tried twice, not delivered: a receiver that is down
+    produced_at = datetime.now(UTC) - timedelta(seconds=60)
+    with session_scope(db_url) as session:
+        session.execute(insert(WebhookOutbox).values(
+            event_id=f"test:{uuid.uuid4()}", event_type="job.completed", payload="{}", created_at=produced_at,
+            attempts=2, next_attempt_at=produced_at, last_error="connection refused"))
 
     text = api.get("/metrics").text
     assert metric(text, "invsort_http_requests_total", method="POST", route="/v1/classify", status="200") == 1
@@ -460,6 +485,9 @@ def test_metrics_count_requests_classifications_and_jobs(api, db_url, roots):
     assert in_db["done"] >= 1
     for status, n in in_db.items():
         assert metric(text, "invsort_jobs", status=status) == n
+    assert metric(text, "invsort_webhook_events_pending") >= 1  # >=: the PostgreSQL database is shared
+    assert 60 <= metric(text, "invsort_webhook_oldest_pending_seconds") < 3600
+    assert metric(text, "invsort_webhook_max_attempts") >= 2
 
 
 # ------------------------------------------------------------------------------------------- real processes
@@ -498,6 +526,7 @@ def serve(tmp_path) -> Iterator[Callable[..., str]]:
         wait_for(up, timeout_s=180, poll_s=0.5)
         return url
 
+    start.procs = procs  # type: ignore[attr-defined]  # the processes started, in order (a test may stop one)
     yield start
     for proc in procs:
         proc.send_signal(signal.SIGINT)
@@ -554,3 +583,118 @@ def test_with_a_broker_that_answers_serve_queues_the_job_for_workers(serve, pg_u
             assert set(states.scalars()) == {"cancelled"}
     finally:
         client.flushdb()
+
+
+# ------------------------------------------------------------------------------------- job events (SSE)
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[dict[str, str]]:
+    """The events of a text/event-stream (the fields of each; ``comment`` holds its comment lines), as EventSource
+    parses them: a blank line ends an event."""
+    event: dict[str, str] = {}
+    for line in lines:
+        if line == "":
+            if event:
+                yield event
+            event = {}
+        elif line.startswith(":"):
+            event["comment"] = event.get("comment", "") + line[1:].strip()
+        else:
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            event[name] = event[name] + "\n" + value if name == "data" and name in event else value
+    if event:
+        yield event
+
+
+def job_events(url: str, job_id: str, **headers: str) -> tuple[httpx.Response, list[dict[str, str]]]:
+    """Every event of a job's stream, read until the server closes it (the test fails if that takes a minute)."""
+    with httpx.stream("GET", f"{url}/v1/jobs/{job_id}/events", headers=headers,
+                      timeout=httpx.Timeout(60, read=20)) as answer:
+        if answer.status_code != 200:
+            answer.read()
+            return answer, []
+        events = list(sse_events(answer.iter_lines()))
+    return answer, events
+
+
+def test_unknown_job_events_are_404_json_and_the_stream_is_in_the_openapi(api):
+    unknown = str(uuid.uuid4())
+    answer = api.get(f"/v1/jobs/{unknown}/events")
+    assert answer.status_code == 404 and answer.headers["content-type"] == "application/json"
+    assert answer.json() == {"detail": f"no job '{unknown}'"}
+    operation = api.get("/openapi.json").json()["paths"]["/v1/jobs/{job_id}/events"]["get"]
+    assert list(operation["responses"]["200"]["content"]) == ["text/event-stream"]
+    assert "404" in operation["responses"]
+
+
+@pytest.mark.slow
+def test_job_events_stream_a_jobs_progress_over_http_until_it_ends(serve, tmp_path, roots):
+    folder = many_photos(roots / "many", 4000)  # many polls long on any machine (200 ended within one in CI)
+    url = serve("--db", f"sqlite:///{tmp_path / 'served.db'}", INVSORT_LOCAL_ROOTS=str(roots),
+                INVSORT_BATCH_SIZE="2")
+    started = httpx.post(f"{url}/v1/jobs", json={"source": str(folder)}, timeout=60)
+    assert started.status_code == 201, started.text
+    job_id = started.json()["id"]
+
+    answer, events = job_events(url, job_id)
+
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/event-stream")
+    assert answer.headers["cache-control"] == "no-store"
+    data = [e for e in events if "data" in e]
+    jobs = [json.loads(e["data"]) for e in data]
+    assert len(jobs) >= 3, jobs  # the first state, some progress, the end
+    print(f"{len(jobs)} events: " + ", ".join(f"{j['status']} {j['processed']}" for j in jobs))
+    assert [int(e["id"]) for e in data] == list(range(1, len(data) + 1))
+    assert all(e["retry"] == "2000" for e in data)
+    assert {j["id"] for j in jobs} == {job_id}
+    statuses = [j["status"] for j in jobs[:-1]]
+    assert set(statuses) <= {"listing", "running"} and statuses == sorted(statuses, key=["listing", "running"].index)
+    for before, after in zip(jobs, jobs[1:], strict=False):
+        assert before != after, "an event only when something changed"
+        for key in ("processed", "batches_done", "sorted_count", "needs_review_count", "failed_count"):
+            assert before[key] <= after[key], (key, before, after)
+    last = jobs[-1]
+    assert last["status"] == "done" and last["processed"] == 4000
+    assert last == httpx.get(f"{url}/v1/jobs/{job_id}").json()
+
+    # a reconnect with Last-Event-ID: the state now, with the next id, and the stream closes
+    again, events = job_events(url, job_id, **{"Last-Event-ID": data[-1]["id"]})
+    assert again.status_code == 200
+    assert [(e["id"], json.loads(e["data"])) for e in events] == [(str(len(data) + 1), last)]
+    _, events = job_events(url, job_id, **{"Last-Event-ID": "not-a-number"})
+    assert [e["id"] for e in events] == ["1"]
+
+
+@pytest.mark.slow
+def test_job_events_stop_when_the_client_leaves_and_do_not_hold_up_a_stopping_server(serve, tmp_path, roots):
+    folder = many_photos(roots / "many", 4000)
+    url = serve("--db", f"sqlite:///{tmp_path / 'served.db'}", INVSORT_LOCAL_ROOTS=str(roots),
+                INVSORT_BATCH_SIZE="2")
+    proc = serve.procs[-1]
+    job_id = httpx.post(f"{url}/v1/jobs", json={"source": str(folder)}, timeout=60).json()["id"]
+    route = {"method": "GET", "route": "/v1/jobs/{job_id}/events", "status": "200"}
+
+    def streams_ended() -> float:
+        return metric(httpx.get(f"{url}/metrics").text, "invsort_http_requests_total", **route)
+
+    # a client that reads one event and leaves: the server ends that stream (its request is counted when it does)
+    with httpx.stream("GET", f"{url}/v1/jobs/{job_id}/events", timeout=30) as answer:
+        first = next(e for e in sse_events(answer.iter_lines()) if "data" in e)
+    assert json.loads(first["data"])["status"] in ("listing", "running")
+    wait_for(lambda: streams_ended() == 1, timeout_s=10)
+
+    # a stream still open when the server is told to stop: it ends, and the server exits
+    with httpx.stream("GET", f"{url}/v1/jobs/{job_id}/events", timeout=30) as answer:
+        lines = answer.iter_lines()
+        assert next(e for e in sse_events(lines) if "data" in e)
+        assert httpx.get(f"{url}/v1/jobs/{job_id}").json()["status"] in ("listing", "running"), "it ended too soon"
+        stopping = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        rest = list(sse_events(lines))  # read until the server closes the stream
+        closed_after = time.monotonic() - stopping
+    assert all(json.loads(e["data"])["status"] in ("listing", "running") for e in rest if "data" in e)
+    assert closed_after < 10, f"the stream stayed open {closed_after:.1f} s after SIGINT"
+    assert proc.wait(timeout=30) == 0
+    exited_after = time.monotonic() - stopping
+    assert exited_after < 20, f"the server took {exited_after:.1f} s to stop"

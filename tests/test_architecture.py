@@ -18,14 +18,16 @@ MAX_FUNCTION_LINES = 120
 
 # Lowest first. A module may import modules of its own layer or of a lower one, never of a higher one.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("kernel", ("pipeline.errors", "pipeline.records", "pipeline.settings", "pipeline.assets", "pipeline.progress")),
+    ("kernel", ("pipeline.errors", "pipeline.records", "pipeline.settings", "pipeline.assets", "pipeline.progress",
+                "pipeline.logs")),
     ("io", ("pipeline.io",)),
     ("models", ("pipeline.models",)),
     ("inference", ("pipeline.inference",)),
     ("evaluation", ("pipeline.evaluation",)),
     ("training", ("pipeline.training",)),
     ("db", ("db", "migrations")),
-    ("jobs", ("pipeline.sorting", "pipeline.jobs")),
+    ("jobs", ("pipeline.sorting", "pipeline.jobs", "pipeline.feedback", "pipeline.webhooks", "pipeline.recategorize",
+              "pipeline.attributes")),
     ("bench", ("pipeline.bench",)),
     ("front doors", ("worker",)),
 ]

@@ -262,3 +262,47 @@ def test_bench_help_lists_run_and_catalog_but_not_the_peer_process():
     assert result.exit_code == 0
     commands = result.output.split("Commands:")[1]
     assert "run" in commands and "catalog" in commands and "peer" not in commands.split()
+
+
+@pytest.mark.slow  # starts `invsort serve` and an embedded peer process, each importing torch: ~30-50 s
+def test_bench_api_on_the_examples_reports_latency_throughput_and_the_goals(tmp_path):
+    out = tmp_path / "api.json"
+    result = run_cli(["api", str(EXAMPLES), "--requests", "10", "--clients", "2", "--warmup", "2",
+                      "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["photos"] == 50 and report["requests"] == 10 and report["clients"] == 2 and report["timing"]
+    assert report["model"]["input_size"] == [28, 28] and report["model"]["served"]["version"] == \
+        report["model"]["version"]
+    for phase in ("sequential", "concurrent"):
+        r = report[phase]
+        assert (r["ok"], r["errors"], r["failed_photos"]) == (10, 0, 0), phase
+        assert r["images_per_s"] == pytest.approx(10 / r["seconds"], rel=0.01), phase
+        lat = r["latency_ms"]
+        assert 0 < lat["min"] <= lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"], phase
+        assert r["client_cpu_s"] >= 0 and r["batching"]["batches"] >= 1, phase
+    assert report["sequential"]["batching"]["requests_per_batch"] == 1.0  # one request in flight: never merged
+    assert report["concurrent"]["clients"] == 2
+    server = report["server"]
+    assert server["rss_mib_peak"] >= server["rss_mib_idle"] > 50 and server["exit_code"] == 0
+    embedded = report["embedded"]
+    assert embedded["status"] == "ok" and embedded["images"] == 50 and embedded["images_per_s"] > 0
+    goals = report["goals"]
+    assert goals["p95_ms"]["value"] == report["sequential"]["latency_ms"]["p95"]
+    assert goals["ratio"]["value"] == pytest.approx(
+        report["concurrent"]["images_per_s"] / embedded["images_per_s"], abs=1e-3)
+    assert {goals["p95_ms"]["met"], goals["ratio"]["met"]} <= {True, False}
+    for words in ("sequential (1 client)", "2 clients", "embedded pipeline", "ratio 2 clients / embedded",
+                  "server RSS", "sequential p95 <= 150 ms: ", "2 clients >= 0.8x embedded images/s: "):
+        assert words in result.stdout, words
+
+
+def test_bench_api_latency_figures_and_request_bodies():
+    from pipeline.bench.api import latency_figures, multipart_body
+
+    figures = latency_figures([0.010, 0.020, 0.030, 0.040, 0.100])
+    assert figures == {"p50": 30.0, "p95": 88.0, "p99": 97.6, "mean": 40.0, "min": 10.0, "max": 100.0}
+    assert latency_figures([]) == dict.fromkeys(("p50", "p95", "p99", "mean", "min", "max"))
+    body, content_type = multipart_body('a"b.jpg', b"\xff\xd8data")
+    boundary = content_type.split("boundary=")[1]
+    assert body.startswith(f"--{boundary}\r\n".encode()) and body.endswith(f"\r\n--{boundary}--\r\n".encode())
+    assert b'name="file"; filename="a%22b.jpg"' in body and b"\r\n\r\n\xff\xd8data\r\n" in body

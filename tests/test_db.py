@@ -17,9 +17,18 @@ from sqlalchemy.orm import Session
 
 from db import catalog
 from db.catalog import JobNotFoundError, JobStateError
-from db.models import CatalogItem, SortingJob
+from db.models import CatalogHistory, CatalogItem, SortingJob
 from db.session import dispose_engines, get_engine, safe_url, session_scope
 from pipeline.records import ItemResult
+from tests.fixtures.pg import migrated_pg_database
+
+
+@pytest.fixture(scope="module")
+def pg_url():
+    """A PostgreSQL catalog of this module's own: its round-trip tests read every row of the table, so rows that
+    other modules' tests committed to the session's shared database would be counted (they were, run out of
+    alphabetical order)."""
+    yield from migrated_pg_database()
 
 
 def _uid() -> str:
@@ -424,6 +433,7 @@ def test_concurrent_overlapping_upserts_on_postgresql_do_not_deadlock(pg_url):
     finally:
         with session_scope(pg_url) as session:
             session.execute(delete(CatalogItem).where(CatalogItem.item_id.in_(ids)))
+            session.execute(delete(CatalogHistory).where(CatalogHistory.item_id.in_(ids)))
 
 
 def test_job_status_check_rejects_unknown_status(db_session):

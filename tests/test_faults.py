@@ -143,7 +143,8 @@ def test_redis_restarted_without_persistence_mid_job_only_workers_running_job_en
         with_cont(worker)
         stop_worker(worker)
     # proof the fault hit the job: it was mid-way and Redis held tasks of it when it went down
-    assert 2 <= before.batches_done < before.total_batches and in_redis > 0 and queued == 20
+    # (queued: 20 tasks, or 19 when the frozen worker's BRPOP, already waiting in Redis, took the first one)
+    assert 2 <= before.batches_done < before.total_batches and in_redis > 0 and queued in (19, 20)
     assert job.status == "done"
     assert_exact(pg_url, job_id, 40)
     assert "enqueued again" in log.read_text()

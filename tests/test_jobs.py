@@ -9,6 +9,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 
 from db.catalog import JobStateError, get_job, iter_items
@@ -18,6 +19,7 @@ from pipeline.jobs import BatchBusy, Reconciler, cancel, retry, run_batch
 from pipeline.settings import build_settings
 from pipeline.sorting import submit_job
 from tests.images import example_files
+from worker.metrics import WorkerMetrics
 
 MODEL = "bundled:fashion_mnist_cnn"
 
@@ -181,8 +183,10 @@ def test_the_reconciler_enqueues_lost_batches_again_and_gives_up_after_max_reque
     _only_job(db_url, job_id)
     broker = {tid for _, _, tid in queue}  # what the broker holds
     requeued: list[tuple[str, int, str]] = []
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry)
     reconciler = Reconciler(settings, enqueue=lambda *t: requeued.append(t), broker_task_ids=lambda: set(broker),
-                            holder="test-a")
+                            holder="test-a", observer=metrics)
     time.sleep(1.2)
     assert reconciler.run_once()["requeued"] == 0  # all three are in the broker
     broker.discard(f"{job_id}:1")  # the queue lost batch 1 (Redis restarted without persistence)
@@ -205,6 +209,9 @@ def test_the_reconciler_enqueues_lost_batches_again_and_gives_up_after_max_reque
     assert (job.status, job.processed, job.failed_count) == ("done", 9, 3)
     failed = [r for r in _rows(db_url, job_id).values() if r.status == "failed"]
     assert len(failed) == 3 and all("lost 2 times" in r.error for r in failed)
+    # the worker's metrics count what the reconciler gave up, as they count what tasks write
+    assert registry.get_sample_value("invsort_worker_images_total", {"status": "failed"}) == 3
+    assert registry.get_sample_value("invsort_worker_failures_total", {"reason": "lost"}) == 3
 
 
 def test_the_reconciler_fails_a_job_whose_listing_stopped(db_url, tmp_path):

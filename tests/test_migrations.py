@@ -13,7 +13,8 @@ from db.models import Base
 from db.session import dispose_engines, get_engine, session_scope, sqlite_path
 from pipeline.errors import ConfigError
 
-TABLES = {"catalog_items", "sorting_jobs", "sorting_job_batches", "leases", "reviews"}
+TABLES = {"catalog_items", "sorting_jobs", "sorting_job_batches", "leases", "reviews", "catalog_history",
+          "webhook_outbox", "webhook_cursor", "catalog_attributes"}
 
 
 def _schema_diff(url: str, metadata: MetaData = Base.metadata) -> list:

@@ -13,9 +13,6 @@ import csv
 import json
 import os
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +22,7 @@ import cv2
 import httpx
 import numpy as np
 import pytest
-import uvicorn
-from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, expect
 
 from db.catalog import CatalogRow, get_item, iter_items, upsert_items
 from db.migrate import upgrade
@@ -35,12 +31,12 @@ from db.session import dispose_engines, session_scope
 from pipeline.records import ItemResult
 from pipeline.settings import build_settings
 from pipeline.sorting import get_predictor, sort_source
+from tests.fixtures.browser import checked_page, served
 from tests.images import BAD_IMAGES, EXAMPLES, example_files
 from worker.web.app import create_app
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = "/usr/bin/chromium"
 REVIEW_THRESHOLD = 0.99  # the bundled model's confidences on the examples: 0.37..0.995
 
 
@@ -51,12 +47,6 @@ class Site:
     roots: Path
     classes: list[str]
     version: str
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _copy_examples(dest: Path, files: list[Path] | None = None) -> Path:
@@ -84,50 +74,16 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         outcome = sort_source(str(roots / "images"), settings=settings, allow_source_root=False)
         assert outcome.summary.needs_review >= 12, outcome
         mf = get_predictor(settings).model_file
-        port = _free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, ws="none",
-                                               log_config=None, log_level="warning"))
-        thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 60
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-        try:
-            yield Site(f"http://127.0.0.1:{port}", url, roots, list(mf.class_names), mf.version)
-        finally:
-            server.should_exit = True
-            thread.join(30)
-            dispose_engines(url)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+        with served(create_app(settings)) as base:
+            yield Site(base, url, roots, list(mf.class_names), mf.version)
+        dispose_engines(url)
 
 
 @pytest.fixture
 def page(browser: Browser, site: Site) -> Iterator[Page]:
     """A fresh browser page; after the test, every request it made must have gone to the test server."""
-    context = browser.new_context(accept_downloads=True)
-    context.set_default_timeout(30_000)
-    tab = context.new_page()
-    urls: list[str] = []
-    tab.on("request", lambda request: urls.append(request.url))
-    errors: list[str] = []
-    tab.on("pageerror", lambda exc: errors.append(str(exc)))
-    try:
+    with checked_page(browser, site.base, accept_downloads=True) as tab:
         yield tab
-    finally:
-        context.close()
-    elsewhere = [u for u in urls if not u.startswith(site.base + "/") and not u.startswith(("blob:", "data:"))]
-    assert elsewhere == [], f"requests that left the server: {elsewhere}"
-    assert errors == [], f"JavaScript errors: {errors}"
 
 
 def _row(site: Site, item_id: str) -> CatalogRow:
@@ -389,11 +345,16 @@ def test_jobs_page_starts_a_job_follows_it_and_shows_its_failures(site: Site, pa
     page.click("#job-form button[type=submit]")
     expect(page.locator("#job-msg")).to_contain_text("outside")
 
+    streams: list[tuple[str, int]] = []  # the event streams the page read: (path, status)
+    page.on("response", lambda r: streams.append((r.url.removeprefix(site.base), r.status)) if "/events" in r.url
+            else None)
     page.fill("#source", str(source))
     page.click("#job-form button[type=submit]")
     job = _started_job(page)
     expect(job).to_have_attribute("data-status", "done", timeout=120_000)
     assert job.locator(".id").inner_text() == str(source)
+    job_id = job.get_attribute("data-job-id")
+    assert (f"/v1/jobs/{job_id}/events", 200) in streams, f"the page did not follow the job's events: {streams}"
     sorted_n, review_n = (int(job.locator(c).inner_text()) for c in (".sorted", ".needs-review"))
     assert (sorted_n + review_n, job.locator(".failed").inner_text()) == (6, "1")
     expect(job.locator("progress")).to_have_attribute("value", "7")

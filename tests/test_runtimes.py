@@ -1,5 +1,6 @@
 """The faster CPU runtimes (INVSORT_RUNTIME=onnxruntime / openvino): same answers as PyTorch through the real
 pipeline, the ONNX export cache, and the errors for a bad value, a missing package and a disagreeing runtime.
+Without torch (the export beside the model, its record, stale and missing exports): tests/test_lean.py.
 
 Needs the 'onnx' extra (onnx, onnxscript, onnxruntime, openvino) installed.
 """
@@ -16,7 +17,7 @@ from db.catalog import iter_items
 from db.session import dispose_engines, session_scope
 from pipeline.errors import ConfigError
 from pipeline.inference.predictor import Predictor, PredictorOptions
-from pipeline.models.modelfile import load_model_file, model_version
+from pipeline.models.modelfile import load_model_file, model_version, resolve_model_path
 from pipeline.models.runtimes import RUNTIMES, export_onnx, onnx_path
 from tests.images import EXAMPLES
 from worker.cli import main
@@ -42,8 +43,8 @@ def torch_rows(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shared_cache(tmp_path_factory) -> Path:
-    """One export cache for both runtimes' sorts: the first exports the bundled model through the CLI, the other
-    reuses that file (each exports itself when run alone)."""
+    """One export cache for both runtimes' sorts: it stays empty, since the bundled model's export ships beside it
+    (pipeline/assets/fashion_mnist_cnn.onnx)."""
     return tmp_path_factory.mktemp("onnx-cache")
 
 
@@ -65,7 +66,7 @@ def test_fast_runtime_sorts_the_examples_like_pytorch(runtime, torch_rows, sqlit
     assert all(abs(r.confidence - torch_rows[k].confidence) < 1e-4 for k, r in rows.items())
     assert {k: r.status for k, r in rows.items()} == {k: r.status for k, r in torch_rows.items()}
     assert all(r.model_version == load_model_file(BUNDLED).version for r in rows.values())
-    assert len(list(shared_cache.glob("*.onnx"))) == 1
+    assert not list(shared_cache.glob("*"))  # the export beside the bundled model was used
 
 
 def test_export_is_cached_per_model_version_and_shared_by_the_runtimes(tmp_path):
@@ -81,7 +82,8 @@ def test_export_is_cached_per_model_version_and_shared_by_the_runtimes(tmp_path)
         assert again.session is not None and not again.session.exported, runtime
         assert again.session.check is not None and again.session.check.top1_agree == again.session.check.n
     assert path.stat().st_mtime_ns == written
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left behind
+    # the export and its record, no temporary files left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.name + ".json"]
 
 
 def test_a_damaged_cached_export_is_exported_again(tmp_path):
@@ -122,11 +124,16 @@ def test_a_cpu_runtime_with_device_cuda_is_refused(runtime):
     [("onnxruntime", "onnxruntime"), ("openvino", "openvino"), ("onnxruntime", "onnxscript"), ("openvino", "onnx")],
 )
 def test_a_missing_package_names_the_extra_to_install(runtime, missing, tmp_path, monkeypatch):
+    """The runtime is needed to run an export, onnx and onnxscript to make one: a model file with no export."""
+    model = tmp_path / "m.pt"
+    shutil.copy(resolve_model_path(BUNDLED), model)
     monkeypatch.setitem(sys.modules, missing, None)  # the package is not installed, as far as import knows
     env = {"INVSORT_RUNTIME": runtime, "INVSORT_RUNTIME_CACHE_DIR": str(tmp_path / "c")}
-    result = CliRunner().invoke(main, ["sort", str(EXAMPLES), "--db", f"sqlite:///{tmp_path}/x.db"], env=env)
+    result = CliRunner().invoke(main, ["sort", str(EXAMPLES), "--db", f"sqlite:///{tmp_path}/x.db", "--model",
+                                       str(model)], env=env)
     assert result.exit_code != 0
-    assert f"INVSORT_RUNTIME={runtime} needs the 'onnx' extra: pip install -e '.[onnx]'" in result.output
+    extra = "cpu" if missing == runtime else "onnx"  # running an export needs the runtime, making one onnx too
+    assert f"INVSORT_RUNTIME={runtime} needs the '{extra}' extra: pip install -e '.[{extra}]'" in result.output
     assert missing in result.output and "Traceback" not in result.output
     assert not list(Path(tmp_path / "c").glob("*"))
     dispose_engines(f"sqlite:///{tmp_path}/x.db")

@@ -131,3 +131,28 @@ def test_the_engine_of_a_url_without_driver_is_the_psycopg_one(pg_url):
             assert conn.exec_driver_sql("SELECT 1").scalar() == 1
     finally:
         dispose_engines(plain)
+
+
+def test_the_cgroup_cpu_limit_is_read_from_cgroup_v2_and_v1(tmp_path):
+    from pipeline.settings import _cgroup_cpu_limit
+
+    assert _cgroup_cpu_limit(tmp_path) is None  # no cgroup files: unlimited
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert _cgroup_cpu_limit(tmp_path) is None
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # a container limited to 1.5 CPUs
+    assert _cgroup_cpu_limit(tmp_path) == 1.5
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert _cgroup_cpu_limit(tmp_path) is None
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    assert _cgroup_cpu_limit(tmp_path) == 2.0
+
+
+def test_usable_cpus_is_at_least_one_and_at_most_the_affinity():
+    import os
+
+    from pipeline.settings import usable_cpus
+
+    assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))

@@ -14,6 +14,7 @@ from urllib.parse import unquote_to_bytes
 import pytest
 
 from pipeline.errors import SourceError
+from pipeline.io import sources
 from pipeline.io.sources import iter_source
 from pipeline.io.storage import LocalStorage, ObjectReader, S3Storage, local_path
 from pipeline.records import Item
@@ -195,6 +196,36 @@ def test_malformed_manifest_rows_before_the_error_are_streamed(tmp_path: Path) -
     assert next(items) == Item("a", (tmp_path / "a.jpg").as_uri())
     with pytest.raises(SourceError, match="line 2: bad JSON"):
         next(items)
+
+
+def test_duplicates_are_found_exactly_after_the_ids_leave_memory(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ``SEEN_IN_MEMORY`` ids the duplicate check keeps them in a temporary SQLite file (flat memory): the
+    same rows are streamed and the same error raised, naming both lines, whichever side of the spill they are."""
+    monkeypatch.setattr(sources, "SEEN_IN_MEMORY", 3)
+    rows = [f"id-{i},img/{i}.jpg" for i in range(10)]
+    for first, dup in ((1, 8), (6, 9)):  # first met before the spill / after it
+        text = "item_id,image_uri\n" + "\n".join([*rows[:dup], f"id-{first},again.jpg", *rows[dup:]]) + "\n"
+        manifest = write_file(tmp_path / f"m{first}.csv", text.encode())
+        items = iter_source(str(manifest), ObjectReader(LocalStorage([tmp_path])))
+        got = [next(items) for _ in range(dup)]
+        assert got == [Item(f"id-{i}", (tmp_path / f"img/{i}.jpg").as_uri()) for i in range(dup)]
+        with pytest.raises(SourceError, match=rf"line {dup + 2}: duplicate item_id 'id-{first}' \(first on line "
+                                              rf"{first + 2}\)"):
+            next(items)
+    manifest = write_file(tmp_path / "ok.csv", ("item_id,image_uri\n" + "\n".join(rows) + "\n").encode())
+    assert len(list(iter_source(str(manifest), ObjectReader(LocalStorage([tmp_path]))))) == 10
+
+
+def test_the_duplicate_check_is_exact_on_disk() -> None:
+    seen = sources.SeenIds(in_memory=2)
+    ids = ["a", "b", "c", "é", "a\x00b", "A", " a", "a"]
+    assert [seen.first_line(item_id, line) for line, item_id in enumerate(ids, 1)] == [
+        None, None, None, None, None, None, None, 1]
+    assert seen.first_line("c", 100) == 3 and seen.first_line("a\x00b", 101) == 5 and seen.first_line("d", 102) is None
+    assert seen._db is not None and not seen._memory  # the ids are on disk
+    seen.close()
+    seen.close()
 
 
 def test_invalid_utf8_manifest(tmp_path: Path) -> None:

@@ -341,12 +341,18 @@ def test_make_reader_from_settings(tree: tuple[Path, dict[str, bytes]], tmp_path
 
 def test_make_reader_gives_s3_the_retry_timeout_and_pool_settings() -> None:
     settings = Settings(s3_endpoint_url="http://127.0.0.1:9", s3_retry_mode="adaptive", s3_max_attempts=4,
-                        fetch_timeout_s=7, s3_connect_timeout_s=2.5, s3_max_pool_connections=8)
-    s3 = make_reader(settings).s3
+                        fetch_timeout_s=7, s3_connect_timeout_s=2.5, s3_max_pool_connections=8, fetch_concurrency=4)
+    reader = make_reader(settings)
+    s3 = reader.s3
     config = s3.client.meta.config
     assert config.retries == {"mode": "adaptive", "total_max_attempts": 4} and s3.max_attempts == 4
     assert (config.read_timeout, config.connect_timeout, config.max_pool_connections) == (7, 2.5, 8)
     assert s3.client.meta.endpoint_url == "http://127.0.0.1:9"
+    assert reader.fetch_concurrency == 4
+    assert make_reader(settings).s3 is s3  # one client per process and settings: its connections outlive a task
+    # Every fetch thread gets a connection: the pool grows to the fetch concurrency.
+    wider = make_reader(settings.model_copy(update={"fetch_concurrency": 48})).s3.client.meta.config
+    assert wider.max_pool_connections == 48
 
 
 def test_reader_streams_lines_of_local_and_s3_objects_alike(

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,16 +34,26 @@ ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = "redis://127.0.0.1:6379/13"
 
 
-@pytest.fixture
-def broker():
-    client = redis.Redis.from_url(REDIS_URL)
+@contextlib.contextmanager
+def flushed_redis(url: str) -> Iterator[redis.Redis]:
+    """The machine's Redis database ``url``, emptied before and after the block (fails the test when Redis is not
+    running)."""
+    client = redis.Redis.from_url(url)
     try:
         client.ping()
     except redis.ConnectionError:
         pytest.fail("Redis is not running on 127.0.0.1:6379 (.ci/run starts it)")
     client.flushdb()
-    yield REDIS_URL
-    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.flushdb()
+
+
+@pytest.fixture
+def broker():
+    with flushed_redis(REDIS_URL):
+        yield REDIS_URL
 
 
 def worker_env(pg_url: str, s3_endpoint: str, broker_url: str) -> dict[str, str]:

@@ -63,7 +63,11 @@ def _enqueue(job_id: str, batch_no: int, task_id: str) -> None:
 @worker_ready.connect
 def start_reconciler(**_: object) -> None:
     """Start the reconciler thread in the worker's main process."""
-    reconciler = Reconciler(get_settings(), enqueue=_enqueue, broker_task_ids=broker_task_ids)
+    from worker.metrics import worker_metrics
+
+    # the rows of batches it gives up count in invsort_worker_images_total / failures_total (reason "lost")
+    reconciler = Reconciler(get_settings(), enqueue=_enqueue, broker_task_ids=broker_task_ids,
+                            observer=worker_metrics())
     _stop.clear()
     threading.Thread(target=reconciler.run_forever, args=(_stop,), name="invsort-reconciler", daemon=True).start()
     log.info("reconciler started: a pass every %s s", get_settings().reconcile_interval_s)

@@ -13,4 +13,5 @@ if [ "${INSTALL:-0}" = 1 ]; then
   cp "$work/fashion_mnist_cnn.pt" "$assets/fashion_mnist_cnn.pt"
   cp "$work/fashion_mnist_cnn.card.md" "$assets/fashion_mnist_cnn.card.md"
   rm -rf "$assets/fashion_mnist_report" && cp -r "$work/report" "$assets/fashion_mnist_report"
+  invsort export-onnx "$assets/fashion_mnist_cnn.pt"  # fashion_mnist_cnn.onnx + .onnx.json: runs without torch
 fi

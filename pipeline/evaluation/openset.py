@@ -22,6 +22,7 @@ import torch
 from pipeline.errors import ConfigError
 from pipeline.io.files import atomic_path
 from pipeline.io.folders import load_images, samples_for_classes
+from pipeline.io.storage import IMAGE_SUFFIXES
 from pipeline.models.openset import DEFAULT_TPR, fit_open_set
 
 log = logging.getLogger(__name__)
@@ -168,9 +169,6 @@ def calibrate_ood(model_spec: str, data_dir: str | Path, out: str | Path, *, tpr
     save_model_file(mf, out)
     log.info("open-set score fitted onto %s: threshold %.4g for TPR %.2f", out, mf.open_set.threshold, tpr)
     return mf
-
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def ood_section(predictor: Any, id_images: np.ndarray, ood_dir: str | Path, out_dir: Path, *,

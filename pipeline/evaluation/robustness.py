@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +51,7 @@ from pipeline.io.files import atomic_path
 from pipeline.io.folders import header_size
 from pipeline.io.images import decode_image
 from pipeline.progress import progress as progress_display
+from pipeline.settings import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ def _shifted(
         except Exception as exc:  # a photo this shift cannot make is counted, never fatal
             return f"{type(exc).__name__}: {exc}"[:200]
 
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(min(8, usable_cpus())) as pool:
         results = list(pool.map(one, range(len(files))))
     ok = np.array([i for i, r in enumerate(results) if not isinstance(r, str)], dtype=np.int64)
     images = (np.stack([results[i] for i in ok]) if len(ok) else np.zeros((0, *size, in_chans), np.uint8))

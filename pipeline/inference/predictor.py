@@ -9,29 +9,30 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
+import numpy as np
 import torch
 
 from pipeline.errors import ConfigError
+from pipeline.inference.lean import (
+    GPU_DECODE_MODES,
+    NON_FINITE,
+    TOP_K,
+    PredictorOptions,
+    check_runtime_device,
+    score_rows,
+)
 from pipeline.io.images import to_model_input
 from pipeline.models.modelfile import ModelFile
-from pipeline.models.openset import UNKNOWN
 from pipeline.models.runtimes import RuntimeSession, check_runtime_name, load_session
 from pipeline.records import Item, ItemResult
-
-if TYPE_CHECKING:
-    from pipeline.settings import Settings
 from pipeline.settings import check_device
 
-log = logging.getLogger(__name__)
+__all__ = ["NON_FINITE", "TOP_K", "Predictor", "PredictorOptions", "resolve_decode_backend", "resolve_device"]
 
-TOP_K = 5
-NON_FINITE = "the model gave NaN or infinite outputs for this image"
-GPU_DECODE_MODES = ("auto", "on", "off")
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,80 +77,6 @@ def resolve_decode_backend(gpu_decode: str, device: torch.device) -> str:
     return "torchvision" if gpu_decode != "off" and device.type == "cuda" else "opencv"
 
 
-@dataclass(frozen=True)
-class PredictorOptions:
-    """How a :class:`Predictor` runs its model. Frozen and hashable: a cache of predictors can key on it.
-
-    Attributes:
-        device: ``auto``, ``cpu`` or ``cuda``.
-        review_threshold: confidence (0..1) below which rows get ``needs_review``; None uses the model
-            file's own threshold.
-        runtime: what runs the network: ``torch``, or ``onnxruntime`` / ``openvino`` (the network exported to
-            ONNX once per model version and checked against PyTorch, :mod:`pipeline.models.runtimes`). Those two
-            run on the CPU: with them ``auto`` means ``cpu``, and ``cuda`` is refused.
-        runtime_cache_dir: folder of the ONNX exports (None: ``~/.cache/invsort/onnx``).
-        gpu_decode: ``auto``, ``on`` or ``off``: decode JPEGs on the GPU (:func:`resolve_decode_backend`); sets
-            :attr:`Predictor.decode_backend`, which :func:`pipeline.inference.streaming.run_pipeline` uses.
-        torch_compile: run the network through ``torch.compile`` (runtime ``torch`` only). It is compiled when
-            the predictor is made, on a zero batch of ``compile_batch_size`` images, and later batches are
-            padded or split to that size so that it compiles once.
-        compile_batch_size: see ``torch_compile``; use the pipeline's batch size.
-        cpu_streams: on the CPU, how many forward passes run side by side (threads of a pool owned by the
-            predictor), each on a micro-batch of ``cpu_microbatch`` images with ``threads // cpu_streams``
-            intra-op threads, where ``threads`` is the creating thread's ``torch.get_num_threads()``. 0: one
-            stream per thread. Measured with mobilenet_v2 at 102x136 (HxW) on 2 cores: 2 streams of 1 thread on
-            micro-batches of 16 gave 250-430 images/s where 1 stream of 2 threads on 64 gave 150-250: torch's
-            intra-op parallelism splits these small feature maps badly, whole micro-batches side by side do not.
-        cpu_microbatch: images per forward pass on the CPU (1..4096).
-    """
-
-    device: str = "auto"
-    review_threshold: float | None = None
-    runtime: str = "torch"
-    runtime_cache_dir: str | Path | None = None
-    gpu_decode: str = "auto"
-    torch_compile: bool = False
-    compile_batch_size: int = 64
-    cpu_streams: int = 0
-    cpu_microbatch: int = 16
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> PredictorOptions:
-        """The options ``settings`` ask for (``INVSORT_DEVICE``, ``INVSORT_RUNTIME``, ``INVSORT_GPU_DECODE``,
-        ``INVSORT_COMPILE`` with ``INVSORT_BATCH_SIZE``, ``INVSORT_CPU_STREAMS``, ...)."""
-        return cls(
-            device=settings.device,
-            review_threshold=settings.review_threshold,
-            runtime=settings.runtime,
-            runtime_cache_dir=settings.runtime_cache_dir,
-            gpu_decode=settings.gpu_decode,
-            torch_compile=settings.compile,
-            compile_batch_size=settings.batch_size,
-            cpu_streams=settings.cpu_streams,
-            cpu_microbatch=settings.cpu_microbatch,
-        )
-
-
-def _check_runtime_device(opts: PredictorOptions) -> str:
-    """The device to resolve: ``opts.device``, with ``auto`` meaning ``cpu`` for the CPU runtimes.
-
-    Raises:
-        ConfigError: ``cuda`` or ``torch_compile`` with a runtime other than ``torch``.
-    """
-    if opts.runtime == "torch":
-        return opts.device
-    if opts.device.startswith("cuda"):  # cuda and cuda:N
-        raise ConfigError(
-            f"INVSORT_RUNTIME={opts.runtime} runs on the CPU; with INVSORT_DEVICE={opts.device} "
-            "use INVSORT_RUNTIME=torch"
-        )
-    if opts.torch_compile:
-        raise ConfigError(
-            f"INVSORT_COMPILE=true compiles the PyTorch network; it needs INVSORT_RUNTIME=torch, not {opts.runtime}"
-        )
-    return "cpu" if opts.device == "auto" else opts.device
-
-
 class Predictor:
     """A model ready for batched inference.
 
@@ -172,7 +99,7 @@ class Predictor:
         self.model_file = model_file
         self.options = opts
         self.runtime = check_runtime_name(opts.runtime)
-        device = _check_runtime_device(opts)
+        device = check_runtime_device(opts)
         self.device = resolve_device(device)
         self.is_cuda = self.device.type == "cuda"
         self.decode_backend = resolve_decode_backend(opts.gpu_decode, self.device)
@@ -260,9 +187,11 @@ class Predictor:
         """
         return self.predict_outputs(batch)[:, : len(self.class_names)]
 
-    def predict_outputs(self, batch: torch.Tensor) -> torch.Tensor:
+    def predict_outputs(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
         """:meth:`predict_logits`, followed by the open-set score column when the model file has one
-        (``(N, output_width)`` float32 on the CPU)."""
+        (``(N, output_width)`` float32 on the CPU). ``batch`` may be a numpy array too."""
+        if isinstance(batch, np.ndarray):
+            batch = torch.from_numpy(batch)
         x = batch.to(self.device, non_blocking=True)
         if self.device.type == "cpu" and x.shape[0] > self.cpu_microbatch:
             parts = list(torch.split(x, self.cpu_microbatch))
@@ -337,7 +266,7 @@ class Predictor:
         """
         return self.predict_scored(batch)[:, : len(self.class_names)]
 
-    def predict_scored(self, batch: torch.Tensor) -> torch.Tensor:
+    def predict_scored(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
         """:meth:`predict_probs`, followed by the open-set score column when the model file has one: what
         :meth:`results` takes (``(N, output_width)`` float32 on the CPU)."""
         outputs = self.predict_outputs(batch)
@@ -352,7 +281,7 @@ class Predictor:
             return [False] * scored.shape[0]
         return (~(scored[:, k] >= self.open_set.threshold)).tolist()
 
-    def results(self, items: list[Item], probs: torch.Tensor, job_id: str | None) -> list[ItemResult]:
+    def results(self, items: list[Item], probs: torch.Tensor | np.ndarray, job_id: str | None) -> list[ItemResult]:
         """Rows for ``items`` (same order as ``probs``' rows).
 
         ``probs`` is :meth:`predict_scored`'s output (or plain probabilities). A row is ``sorted`` when its
@@ -360,35 +289,16 @@ class Predictor:
         ``needs_review``, with ``error`` = ``unknown`` (:data:`pipeline.models.openset.UNKNOWN`) when the open-set
         score rejected it, so such a row is never auto-sorted whatever its confidence. A row whose probabilities
         are not all finite (e.g. an fp16 overflow on one image) is ``failed`` with :data:`NON_FINITE` as its
-        ``error``: NaN is no confidence, and JSON cannot store it.
+        ``error``: NaN is no confidence, and JSON cannot store it (:func:`pipeline.inference.lean.score_rows`).
         """
+        if isinstance(probs, np.ndarray):
+            probs = torch.from_numpy(probs)
         unknown = self.unknown(probs)
         finite = torch.isfinite(probs[:, : len(self.class_names)]).all(dim=1).tolist()
         top_p, top_i = probs[:, : len(self.class_names)].topk(self.k, dim=1)
-        top_p_l, top_i_l = top_p.tolist(), top_i.tolist()
-        names = self.class_names
         mf = self.model_file
-        out = []
-        for item, ps, ix, unk, ok in zip(items, top_p_l, top_i_l, unknown, finite, strict=True):
-            if not ok:
-                out.append(ItemResult(item_id=item.item_id, image_uri=item.uri, status="failed", error=NON_FINITE,
-                                      model_name=mf.name, model_version=mf.version, job_id=job_id))
-                continue
-            conf = ps[0]
-            out.append(
-                ItemResult(
-                    item_id=item.item_id,
-                    image_uri=item.uri,
-                    status="sorted" if conf >= self.review_threshold and not unk else "needs_review",
-                    error=UNKNOWN if unk else None,
-                    category=names[ix[0]],
-                    confidence=conf,
-                    topk=[[names[i], round(p, 6)] for i, p in zip(ix, ps, strict=True)],
-                    model_name=mf.name,
-                    model_version=mf.version,
-                    job_id=job_id,
-                )
-            )
-        return out
+        return score_rows(items, top_p.tolist(), top_i.tolist(), unknown, finite, class_names=self.class_names,
+                          review_threshold=self.review_threshold, model_name=mf.name, model_version=mf.version,
+                          job_id=job_id)
 
 

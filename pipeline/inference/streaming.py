@@ -1,10 +1,18 @@
-"""Streaming inference: fetch and decode in a thread pool, overlapped with a :class:`Predictor`'s forward pass.
+"""Streaming inference: fetch and decode in thread pools, overlapped with a :class:`Predictor`'s forward pass.
 
 The pipeline streams: items are pulled from an iterator one batch at a time, at most ``prefetch_batches``
 batches are being fetched/decoded ahead of the one in the model, and results leave through a callback per
 batch. Memory is bounded by ``(prefetch_batches + 1 + inflight_batches) x batch_size`` decoded images whatever
 the job's size; while they decode, the threads' full-size pixels are bounded together by ``decode_memory_bytes``
 (each image's need read from its header, and an image over ``max_pixels`` refused before it is decoded).
+
+Fetching is I/O and decoding is CPU, so they have threads of their own (:class:`_Pools`). A local file is read
+and decoded by one of ``decode_threads`` threads, as before: a read from the page cache is cheaper than a hand-off
+between threads. An object fetched over the network (``s3://``) is read by one of ``fetch_concurrency`` fetch
+threads, which then decodes it once one of the ``decode_threads`` decode slots is free: up to
+``fetch_concurrency`` GETs wait on the network at once (the latency of each is hidden behind the others) while no
+more than ``decode_threads`` images decode at once (one per core). Fetched bytes not yet decoded are held only by
+the fetch threads, so they are bounded by ``fetch_concurrency`` objects (each at most ``INVSORT_MAX_IMAGE_BYTES``).
 
 On the CPU a batch is decoded by OpenCV in the threads, stacked and run through the model, one at a time. On a
 CUDA GPU (:class:`_BatchRunner`):
@@ -23,19 +31,18 @@ CUDA GPU (:class:`_BatchRunner`):
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeAlias, cast
 
 import numpy as np
-import torch
 
 from pipeline.errors import ConfigError, ImageError, TransientError
-from pipeline.inference.predictor import Predictor
 from pipeline.io.images import (
     DEFAULT_DECODE_MEMORY_BYTES,
     DecodeBudget,
@@ -43,21 +50,39 @@ from pipeline.io.images import (
     decode_image,
     decode_jpeg_batch,
 )
+from pipeline.io.storage import uri_scheme
 from pipeline.records import Item, ItemResult, printable
 
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.inference.lean import LeanPredictor
+    from pipeline.inference.predictor import Predictor
+
 log = logging.getLogger(__name__)
+
+# The torch runtime's Predictor, or the LeanPredictor of an ONNX export (numpy only): this module imports torch
+# only on the CUDA and torchvision paths, which a LeanPredictor never takes.
+AnyPredictor: TypeAlias = "Predictor | LeanPredictor"
 
 DECODE_BACKENDS = ("opencv", "torchvision")
 CUDA_INFLIGHT_BATCHES = 2
 
 
 class Reader(Protocol):
-    """Where the pipeline gets an item's bytes (:class:`pipeline.io.storage.ObjectReader` is one)."""
+    """Where the pipeline gets an item's bytes (:class:`pipeline.io.storage.ObjectReader` is one). A reader may also
+    have an attribute ``fetch_concurrency`` (int or None): the reads over the network it serves at once, which
+    :func:`run_pipeline` uses when it is not given one."""
 
     def read(self, uri: str) -> bytes: ...
 
 
-def failed_result(item: Item, reason: str, predictor: Predictor, job_id: str | None) -> ItemResult:
+def is_remote(uri: str) -> bool:
+    """True when reading ``uri`` waits on the network (any scheme but ``file://`` and plain paths)."""
+    return uri_scheme(uri) not in (None, "file")
+
+
+def failed_result(item: Item, reason: str, predictor: AnyPredictor, job_id: str | None) -> ItemResult:
     """The ``failed`` row for an item that could not be read or decoded."""
     return ItemResult(
         item_id=item.item_id,
@@ -82,7 +107,13 @@ def describe_error(exc: BaseException) -> str:
 
 @dataclass
 class Summary:
-    """What a run did. ``seconds`` is wall time; ``images_per_s`` = images / seconds."""
+    """What a run did. ``seconds`` is wall time; ``images_per_s`` = images / seconds.
+
+    Where the time went, by stage: ``fetch_s`` and ``decode_s`` are the seconds the threads spent reading the
+    images and decoding them (waits for the decode memory budget included, waits for a free decode slot not),
+    summed over the threads (with many fetches in flight ``fetch_s`` is far more than the wall time);
+    ``forward_s`` is the time this thread spent launching batches on the model and waiting for their rows.
+    """
 
     images: int = 0
     sorted: int = 0
@@ -90,6 +121,9 @@ class Summary:
     failed: int = 0
     batches: int = 0
     seconds: float = 0.0
+    fetch_s: float = 0.0
+    decode_s: float = 0.0
+    forward_s: float = 0.0
 
     @property
     def images_per_s(self) -> float:
@@ -129,21 +163,24 @@ def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
 
 
 def _checked_options(
-    predictor: Predictor,
+    predictor: AnyPredictor,
     batch_size: int,
     decode_threads: int,
     prefetch_batches: int,
     decode_backend: str | None,
     inflight_batches: int | None,
     decode_memory_bytes: int,
+    fetch_concurrency: int,
 ) -> tuple[str, int]:
     """:func:`run_pipeline`'s ``(decode backend, inflight depth)``, its options checked.
 
     Raises:
-        ConfigError: a bad size, count, memory budget or decode backend.
+        ConfigError: a bad size, count, memory budget, fetch concurrency or decode backend.
     """
     if batch_size < 1 or decode_threads < 1 or prefetch_batches < 0:
         raise ConfigError("batch_size and decode_threads must be >= 1, prefetch_batches >= 0")
+    if fetch_concurrency < 1:
+        raise ConfigError(f"fetch_concurrency must be >= 1, got {fetch_concurrency}")
     backend = predictor.decode_backend if decode_backend is None else decode_backend
     if backend not in DECODE_BACKENDS:
         raise ConfigError(f"unknown decode backend {backend!r}; valid: {', '.join(DECODE_BACKENDS)}")
@@ -158,7 +195,7 @@ def _checked_options(
 def run_pipeline(
     items: Iterable[Item],
     *,
-    predictor: Predictor,
+    predictor: AnyPredictor,
     reader: Reader,
     on_batch: Callable[[list[ItemResult]], None],
     batch_size: int = 64,
@@ -169,8 +206,9 @@ def run_pipeline(
     decode_backend: str | None = None,
     inflight_batches: int | None = None,
     decode_memory_bytes: int = DEFAULT_DECODE_MEMORY_BYTES,
+    fetch_concurrency: int | None = None,
 ) -> Summary:
-    """Sort ``items``: fetch + decode (thread pool) → batched forward pass → ``on_batch(rows)``.
+    """Sort ``items``: fetch + decode (thread pools) → batched forward pass → ``on_batch(rows)``.
 
     Args:
         items: an iterable of :class:`Item`, consumed lazily.
@@ -179,7 +217,7 @@ def run_pipeline(
         on_batch: called in this thread with each batch's rows, in input order; a batch's rows hold every
             item of the batch exactly once (``failed`` rows for the ones that could not be read).
         batch_size: images per forward pass.
-        decode_threads: threads fetching and decoding.
+        decode_threads: images decoded at once (threads that read and decode local files, and decode slots).
         prefetch_batches: batches fetched/decoded ahead of the one in the model (bounds memory).
         job_id: stored on every row.
         decode_backend: ``opencv`` (each image in the threads) or ``torchvision`` (JPEGs a batch at a time on
@@ -192,33 +230,24 @@ def run_pipeline(
         decode_memory_bytes: the decoded pixels (bytes) that this call's decode threads may hold together
             (:class:`pipeline.io.images.DecodeBudget`, each image's estimate read from its header); an image
             that needs more waits for the others and decodes alone.
+        fetch_concurrency: objects fetched over the network (``s3://``) at once, each by a thread that then waits
+            for a decode slot; it bounds the fetched bytes not yet decoded to this many objects. None: the reader's
+            ``fetch_concurrency`` (:func:`~pipeline.io.storage.make_reader`'s: the setting), else ``decode_threads``.
 
     Returns:
         A :class:`Summary`.
 
     Raises:
-        ConfigError: a bad size, count, memory budget or decode backend.
+        ConfigError: a bad size, count, memory budget, fetch concurrency or decode backend.
         TransientError: from ``reader.read`` (storage unavailable after its retries); its batch gets no rows.
         Whatever the ``items`` iterator or ``on_batch`` raises, after every batch pulled before the error
         has gone through ``on_batch`` (nothing already read is lost).
     """
+    if fetch_concurrency is None:  # the reader's connection pool is sized for its own
+        fetch_concurrency = getattr(reader, "fetch_concurrency", None) or decode_threads
     backend, depth = _checked_options(predictor, batch_size, decode_threads, prefetch_batches, decode_backend,
-                                      inflight_batches, decode_memory_bytes)
+                                      inflight_batches, decode_memory_bytes, fetch_concurrency)
     budget = DecodeBudget(decode_memory_bytes)
-    size, chans = predictor.input_size, predictor.model_file.in_chans
-    gpu_jpegs = backend == "torchvision"
-
-    def load(item: Item) -> Loaded:
-        try:
-            data = reader.read(item.uri)
-            if gpu_jpegs and batch_decodable_jpeg(data, max_pixels=max_pixels):
-                return _Jpeg(data)
-            return decode_image(data, size=size, in_chans=chans, max_pixels=max_pixels, budget=budget)
-        except TransientError:  # the storage, not the image: the job or task is retried, no item fails
-            raise
-        except Exception as exc:  # one bad image fails alone, with its reason
-            return describe_error(exc)
-
     summary = Summary()
     start = time.perf_counter()
     source = _batches(items, batch_size)
@@ -228,11 +257,15 @@ def run_pipeline(
     runner = _BatchRunner(predictor, batch_size=batch_size, depth=depth, max_pixels=max_pixels, budget=budget)
 
     def emit(batch: _Launched) -> None:
+        began = time.perf_counter()
         rows = runner.finish(batch, job_id)
+        summary.forward_s += time.perf_counter() - began
         on_batch(rows)
         summary.add(rows)
 
-    with _decode_pool(decode_threads) as pool:
+    with _decode_pool(decode_threads, fetch_concurrency) as pools:
+        load = _loader(reader, predictor, gpu_jpegs=backend == "torchvision", max_pixels=max_pixels, budget=budget,
+                       slots=pools.slots)
 
         def submit_next() -> bool:
             nonlocal source_error
@@ -245,7 +278,7 @@ def run_pipeline(
             except Exception as exc:
                 source_error = exc
                 return False
-            pending.append((chunk, [pool.submit(load, it) for it in chunk]))
+            pending.append((chunk, [pools.submit(load, it) for it in chunk]))
             return True
 
         try:
@@ -256,7 +289,12 @@ def run_pipeline(
                 chunk, futures = pending.popleft()
                 submit_next()  # keep the decode threads busy while this batch is in the model
                 try:
-                    launched.append(runner.launch(chunk, [f.result() for f in futures]))
+                    loads = [f.result() for f in futures]
+                    summary.fetch_s += sum(x.fetch_s for x in loads)
+                    summary.decode_s += sum(x.decode_s for x in loads)
+                    began = time.perf_counter()
+                    launched.append(runner.launch(chunk, [x.loaded for x in loads]))
+                    summary.forward_s += time.perf_counter() - began
                 except BaseException:
                     while launched:  # batches already on the device are not lost
                         emit(launched.popleft())
@@ -275,18 +313,43 @@ def run_pipeline(
     return summary
 
 
+class _Pools:
+    """The threads of one :func:`run_pipeline` call: ``decode_threads`` threads that read local files and decode
+    them, ``fetch_concurrency`` threads (started on the first remote item) that fetch objects over the network and
+    then decode them, and ``slots``, the ``decode_threads`` decodes allowed at once across both."""
+
+    def __init__(self, decode_threads: int, fetch_concurrency: int) -> None:
+        self.decode = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="invsort-decode")
+        self.fetch_concurrency = fetch_concurrency
+        self.fetch: ThreadPoolExecutor | None = None
+        self.slots = threading.BoundedSemaphore(decode_threads)
+
+    def submit(self, load: Callable[[Item], _Load], item: Item) -> Future[_Load]:
+        """Run ``load(item)`` on the fetch threads when ``item`` is remote, else on the decode threads."""
+        if not is_remote(item.uri):
+            return self.decode.submit(load, item)
+        if self.fetch is None:
+            self.fetch = ThreadPoolExecutor(max_workers=self.fetch_concurrency, thread_name_prefix="invsort-fetch")
+        return self.fetch.submit(load, item)
+
+    def shutdown(self, *, wait: bool) -> None:
+        for pool in (self.fetch, self.decode):
+            if pool is not None:
+                pool.shutdown(wait=wait, cancel_futures=not wait)
+
+
 @contextmanager
-def _decode_pool(threads: int) -> Iterator[ThreadPoolExecutor]:
-    """The decode threads of one :func:`run_pipeline` call. When the call ends in an error (a task's time limit
-    among them) the pool is shut down without waiting: a decode thread stuck in a native decoder must not hold the
-    error up (it would hang the caller until a hard kill)."""
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="invsort-decode")
+def _decode_pool(decode_threads: int, fetch_concurrency: int) -> Iterator[_Pools]:
+    """The fetch and decode threads of one :func:`run_pipeline` call. When the call ends in an error (a task's time
+    limit among them) the pools are shut down without waiting: a decode thread stuck in a native decoder, or a
+    fetch thread waiting on the network, must not hold the error up (it would hang the caller until a hard kill)."""
+    pools = _Pools(decode_threads, fetch_concurrency)
     try:
-        yield pool
+        yield pools
     except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
+        pools.shutdown(wait=False)
         raise
-    pool.shutdown(wait=True)
+    pools.shutdown(wait=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,11 +359,49 @@ class _Jpeg:
     data: bytes
 
     def tensor(self) -> torch.Tensor:
+        import torch
+
         # A writable copy: torch warns about tensors over read-only buffers such as bytes.
         return torch.from_numpy(np.frombuffer(bytearray(self.data), dtype=np.uint8))
 
 
 Loaded = np.ndarray | str | _Jpeg  # what a decode thread hands back: image, failure reason, or JPEG bytes
+
+
+class _Load(NamedTuple):
+    """What a decode thread made of an item, and the seconds it spent reading and decoding it."""
+
+    loaded: Loaded
+    fetch_s: float
+    decode_s: float
+
+
+def _loader(reader: Reader, predictor: AnyPredictor, *, gpu_jpegs: bool, max_pixels: int,
+            budget: DecodeBudget, slots: threading.BoundedSemaphore) -> Callable[[Item], _Load]:
+    """A thread's work on one item: read it, then decode it in one of the decode ``slots`` (a JPEG for the GPU is
+    only checked and left encoded)."""
+    size, chans = predictor.input_size, predictor.model_file.in_chans
+
+    def load(item: Item) -> _Load:
+        began, fetched, decoding = time.perf_counter(), None, None  # when the read ended, when the decode began
+        try:
+            data = reader.read(item.uri)
+            fetched = time.perf_counter()
+            with slots:
+                decoding = time.perf_counter()
+                if gpu_jpegs and batch_decodable_jpeg(data, max_pixels=max_pixels):
+                    loaded: Loaded = _Jpeg(data)
+                else:
+                    loaded = decode_image(data, size=size, in_chans=chans, max_pixels=max_pixels, budget=budget)
+        except TransientError:  # the storage, not the image: the job or task is retried, no item fails
+            raise
+        except Exception as exc:  # one bad image fails alone, with its reason
+            loaded = describe_error(exc)
+        done = time.perf_counter()
+        fetched = done if fetched is None else fetched  # a read that failed: all of its time was fetching
+        return _Load(loaded, fetched - began, done - (decoding or fetched))
+
+    return load
 
 
 @dataclass
@@ -321,7 +422,7 @@ class _Launched:
     chunk: list[Item]
     reasons: list[str | None]  # per item: why it failed, None when it went through the model
     order: list[int]
-    probs: torch.Tensor | None
+    probs: torch.Tensor | np.ndarray | None
     done: torch.cuda.Event | None = None
 
 
@@ -334,7 +435,7 @@ class _BatchRunner:
     """
 
     def __init__(
-        self, predictor: Predictor, *, batch_size: int, depth: int, max_pixels: int, budget: DecodeBudget | None
+        self, predictor: AnyPredictor, *, batch_size: int, depth: int, max_pixels: int, budget: DecodeBudget | None
     ):
         self.predictor = predictor
         self.max_pixels = max_pixels
@@ -342,6 +443,9 @@ class _BatchRunner:
         self.slots: list[_Slot] = []
         self.turn = 0
         if predictor.is_cuda:
+            import torch
+
+            predictor = cast("Predictor", predictor)
             h, w = predictor.input_size
             shape = (batch_size, h, w, predictor.model_file.in_chans)
             for _ in range(depth):
@@ -363,9 +467,16 @@ class _BatchRunner:
         if not arrays and not jpegs:
             return _Launched(chunk, reasons, [], None)
         if not self.slots and not jpegs:  # the CPU path: one synchronous forward pass
-            batch = torch.from_numpy(np.stack([a for _, a in arrays]))
+            batch = np.stack([a for _, a in arrays])
             return _Launched(chunk, reasons, [i for i, _ in arrays], p.predict_scored(batch))
+        return self._launch_torch(chunk, reasons, arrays, jpegs)
 
+    def _launch_torch(self, chunk: list[Item], reasons: list[str | None], arrays: list[tuple[int, np.ndarray]],
+                      jpegs: list[tuple[int, _Jpeg]]) -> _Launched:
+        """:meth:`launch` on CUDA, or with JPEGs for torchvision: the torch runtime's paths."""
+        import torch
+
+        p = cast("Predictor", self.predictor)
         slot = self.slots[self.turn % len(self.slots)] if self.slots else None
         self.turn += 1
         if slot is not None:
@@ -396,7 +507,7 @@ class _BatchRunner:
     ) -> tuple[torch.Tensor, list[int]]:
         """Decode ``jpegs`` on the device: ``(images, chunk index of each row)``. The ones torchvision could not
         decode go to OpenCV: appended to ``arrays`` when it can, their reason into ``reasons`` when not."""
-        p = self.predictor
+        p = cast("Predictor", self.predictor)
         images, ok = decode_jpeg_batch(
             [j.tensor() for _, j in jpegs], size=p.input_size, in_chans=p.model_file.in_chans, device=p.device
         )

@@ -21,6 +21,7 @@ from pipeline.errors import ConfigError, ImageError, SourceError
 from pipeline.io.images import decode_image
 from pipeline.io.storage import IMAGE_SUFFIXES
 from pipeline.progress import progress as progress_display
+from pipeline.settings import usable_cpus
 
 #: Decoded size for a file whose header PIL cannot read (``size=None``): only the decoder's reason matters then.
 _PROBE_SIZE = (8, 8)
@@ -144,7 +145,7 @@ def load_images(
     ``ImageError`` message). Order is kept. ``threads`` defaults to the CPU count, at most 8; ``progress`` shows
     :func:`pipeline.progress.progress` (a bar on a terminal, log lines elsewhere) labelled ``desc``.
     """
-    threads = threads or min(8, os.cpu_count() or 1)
+    threads = threads or min(8, usable_cpus())
 
     def load(path: str) -> np.ndarray | str:
         try:

@@ -25,6 +25,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING
 
 # OpenCV's own guard against decompression bombs, a backstop only: it is read once, so it has no effect when cv2
 # was imported first. The guard that counts is check_image_header, before any pixel buffer exists.
@@ -32,10 +33,12 @@ os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(2**28))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from pipeline.errors import ImageError  # noqa: E402
 from pipeline.io.headers import ImageHeader, decode_bytes, parse_header  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch  # only the torch paths below import it, when they run: a lean process never does
 
 cv2.setNumThreads(1)  # decode threads run in our own pool; OpenCV's pool would oversubscribe the cores
 
@@ -298,7 +301,7 @@ def _composite_on_white(img: np.ndarray) -> np.ndarray:
 
 
 def to_model_input(
-    batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, *, dtype: torch.dtype = torch.float32
+    batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, *, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """Normalise a stacked batch for the model.
 
@@ -310,6 +313,9 @@ def to_model_input(
         ``(N, C, H, W)`` float (``dtype``), in channels_last memory format (a permute of NHWC is exactly that),
         ``(x / 255 - mean) / std``.
     """
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     x = batch.permute(0, 3, 1, 2).to(dtype).div_(255.0)
     return x.sub_(mean.to(dtype)).div_(std.to(dtype))
 
@@ -361,6 +367,7 @@ def decode_jpeg_batch(
         order, resized by :func:`resize_on_device`; ``ok`` holds the index in ``encoded`` of each of its rows.
         Files that could not be decoded are missing from ``ok``: :func:`decode_image` decodes them or says why.
     """
+    import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
     device = torch.device(device)
@@ -399,6 +406,8 @@ def resize_on_device(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     shrinking to 71x95 px, it changed the top-1 against the OpenCV path on 1% of catalogue photos and 10% of real
     photos (177-4500 px); this rule on none of either.
     """
+    import torch
+
     h, w = image.shape[-2:]
     th, tw = size
     if (h, w) == (th, tw):
@@ -414,6 +423,8 @@ def resize_on_device(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
 def _axis_weights(src: int, dst: int, area: bool, device: torch.device) -> torch.Tensor:
     """``(dst, src)`` float32 resampling weights along one axis (area when ``area`` and it shrinks, else
     bilinear); each row sums to 1."""
+    import torch
+
     i = torch.arange(dst, dtype=torch.float64)[:, None]
     j = torch.arange(src, dtype=torch.float64)[None, :]
     if area and dst < src:  # the overlap of input pixel [j, j + 1) with output cell [i * s, (i + 1) * s)

@@ -13,6 +13,7 @@ import json
 import os
 import posixpath
 import re
+import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
@@ -29,6 +30,8 @@ _SURROGATE = re.compile("[\ud800-\udfff]")  # a JSON "\\ud800" escape alone: no 
 _VALID_SOURCES = (
     "a local directory, file://DIR, s3://bucket/prefix, or a .csv/.jsonl manifest (local path or s3:// URI)"
 )
+#: Item ids of a manifest kept in memory (with their line numbers) before the rest go to a temporary SQLite file.
+SEEN_IN_MEMORY = 65_536
 
 
 def iter_source(source: str, reader: ObjectReader) -> Iterator[Item]:
@@ -189,10 +192,78 @@ def _jsonl_rows(lines: Iterator[str], name: str) -> Iterator[tuple[int, Any, Any
         yield lineno, obj.get("item_id"), obj.get("image_uri")
 
 
+class SeenIds:
+    """The item ids met so far in a manifest and the line each was first met on, in memory flat in the manifest's
+    length: the first ``in_memory`` ids (default :data:`SEEN_IN_MEMORY`) in a dict, then all of them in a table of
+    a private temporary SQLite database (on disk: SQLite deletes its file when :meth:`close` closes it, or when the
+    process ends), its page cache bounded. Exact: every duplicate is found, whatever the number of rows, and never
+    a false one.
+
+    Measured on 1,000,000 rows (README, "Million-item jobs"): listing the manifest peaks at 31 MB instead of
+    146 MB with every id in a dict, for 1.9 s more CPU (14.1 s against 12.3 s).
+    """
+
+    CACHE_KIB = 8192  # SQLite's page cache for the table
+
+    def __init__(self, in_memory: int | None = None) -> None:
+        self.in_memory = SEEN_IN_MEMORY if in_memory is None else in_memory
+        self._memory: dict[str, int] = {}
+        self._db: sqlite3.Connection | None = None
+        self._pending = 0
+
+    def first_line(self, item_id: str, lineno: int) -> int | None:
+        """Record ``item_id`` as met on line ``lineno``; the line it was first met on when it was met before
+        (then nothing is recorded), else None."""
+        if self._db is None:
+            first = self._memory.setdefault(item_id, lineno)
+            if first != lineno:
+                return first
+            if len(self._memory) > self.in_memory:
+                self._spill()
+            return None
+        key = item_id.encode("utf-8", "surrogatepass")
+        if self._db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (key, lineno)).rowcount == 1:
+            self._pending += 1
+            if self._pending >= 10_000:  # bounded transactions: SQLite keeps each one's changed pages
+                self._db.execute("COMMIT")
+                self._db.execute("BEGIN")
+                self._pending = 0
+            return None
+        row = self._db.execute("SELECT line FROM seen WHERE id = ?", (key,)).fetchone()
+        return int(row[0])
+
+    def _spill(self) -> None:
+        db = sqlite3.connect("", isolation_level=None, check_same_thread=False)  # "": private, temporary, on disk
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", f"cache_size=-{self.CACHE_KIB}", "temp_store=FILE"):
+            db.execute(f"PRAGMA {pragma}")
+        db.execute("CREATE TABLE seen (id BLOB PRIMARY KEY, line INTEGER NOT NULL) WITHOUT ROWID")
+        db.execute("BEGIN")
+        db.executemany("INSERT INTO seen VALUES (?, ?)",
+                       ((k.encode("utf-8", "surrogatepass"), v) for k, v in self._memory.items()))
+        self._memory = {}
+        self._db = db
+
+    def close(self) -> None:
+        """Drop the ids (and the temporary database). Idempotent."""
+        db, self._db = self._db, None
+        self._memory = {}
+        if db is not None:
+            db.close()
+
+
 def _manifest_items(
     rows: Iterator[tuple[int, Any, Any]], name: str, resolve: Callable[[str], str]
 ) -> Iterator[Item]:
-    seen: dict[str, int] = {}
+    seen = SeenIds()
+    try:
+        yield from _checked_items(rows, name, resolve, seen)
+    finally:
+        seen.close()
+
+
+def _checked_items(
+    rows: Iterator[tuple[int, Any, Any]], name: str, resolve: Callable[[str], str], seen: SeenIds
+) -> Iterator[Item]:
     for lineno, raw_id, raw_uri in rows:
         where = f"manifest {name}, line {lineno}"
         if isinstance(raw_id, int) and not isinstance(raw_id, bool):
@@ -208,9 +279,8 @@ def _manifest_items(
                 raise SourceError(f"{where}: {field} is not valid Unicode: it has an unpaired surrogate "
                                   f"(\\u{ord(bad.group()):04x}), which no catalog can store")
         item_id, image_uri = raw_id.strip(), raw_uri.strip()
-        if item_id in seen:
-            raise SourceError(f"{where}: duplicate item_id {item_id!r} (first on line {seen[item_id]})")
-        seen[item_id] = lineno
+        if (first := seen.first_line(item_id, lineno)) is not None:
+            raise SourceError(f"{where}: duplicate item_id {item_id!r} (first on line {first})")
         yield Item(item_id=item_id, uri=_resolve_image_uri(image_uri, resolve, where))
 
 

@@ -32,6 +32,7 @@ import os
 import re
 import stat
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "IMAGE_SUFFIXES",
+    "LeftOut",
     "LocalStorage",
     "ObjectReader",
     "S3Storage",
@@ -61,7 +63,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+#: The file name suffixes a folder or S3 prefix is listed by (any case): the formats the decoder reads
+#: (:func:`pipeline.io.images.decode_image`: OpenCV, with Pillow reading the header). A manifest may name any file.
+IMAGE_SUFFIXES = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif", ".avif",
+    ".jp2", ".j2k", ".pbm", ".pgm", ".ppm", ".pnm",
+})
 ROOTS_SETTING = "INVSORT_LOCAL_ROOTS"
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
@@ -101,6 +108,38 @@ def _unsupported_scheme(uri: str, scheme: str) -> SourceError:
 def is_image_name(name: str) -> bool:
     """True when ``name`` (a file name or S3 key) ends in an image suffix, case-insensitively."""
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+class LeftOut:
+    """What a listing left out, told once it ends: files whose names are not photos (by suffix) and hidden ones.
+
+    A folder of ``.heic`` photos, or photos saved without a suffix, would otherwise sort nothing without a word.
+    """
+
+    EXAMPLES = 3
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.by_suffix: Counter[str] = Counter()
+        self.hidden = 0
+        self.examples: list[str] = []
+
+    def not_a_photo(self, name: str) -> None:
+        self.by_suffix[os.path.splitext(name)[1].lower() or "no suffix"] += 1
+        if len(self.examples) < self.EXAMPLES:
+            self.examples.append(printable(name))
+
+    def tell(self) -> None:
+        """Log one WARNING when anything was left out (names shown with :func:`printable`)."""
+        names = sum(self.by_suffix.values())
+        if names:
+            kinds = ", ".join(f"{suffix} {n}" for suffix, n in self.by_suffix.most_common(5))
+            more = ", ..." if len(self.by_suffix) > 5 else ""
+            log.warning("%s: left out %d file(s) whose names are not photos (%s%s; e.g. %s); photos are listed "
+                        "by suffix: %s. A manifest may name any file.", self.where, names, kinds, more,
+                        ", ".join(self.examples), " ".join(sorted(IMAGE_SUFFIXES)))
+        if self.hidden:
+            log.info("%s: left out %d hidden name(s) (starting with '.')", self.where, self.hidden)
 
 
 def local_path(uri: str) -> Path:
@@ -264,8 +303,9 @@ class LocalStorage:
         Depth first; at each level the files (sorted by name) come before the subdirectories (sorted by
         name); only one directory level is held in memory at a time. Only names with an image suffix
         (:data:`IMAGE_SUFFIXES`, any case) are yielded; names starting with ``.`` (files and directories)
-        are skipped; symlinked directories are not followed. URIs are built from the directory as given
-        (made absolute, symlinks not resolved); :meth:`read` checks each file again.
+        are skipped; symlinked directories are not followed. When the walk ends, one WARNING says how many
+        files were left out because their names are not photos (:class:`LeftOut`). URIs are built from the
+        directory as given (made absolute, symlinks not resolved); :meth:`read` checks each file again.
 
         The directory is checked when this is called, not on the first ``next()``.
 
@@ -288,11 +328,18 @@ class LocalStorage:
         def _raise(exc: OSError) -> None:
             raise exc
 
+        left_out = LeftOut(_shown(top))
         for dirpath, dirnames, filenames in os.walk(top, onerror=_raise):
+            left_out.hidden += sum(d.startswith(".") for d in dirnames)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
-                if not name.startswith(".") and is_image_name(name):
+                if name.startswith("."):
+                    left_out.hidden += 1
+                elif is_image_name(name):
                     yield Path(dirpath, name).as_uri()
+                else:
+                    left_out.not_a_photo(name)
+        left_out.tell()
 
 
 # ------------------------------------------------------------------------------------------------ S3
@@ -579,7 +626,8 @@ class S3Storage:
         adds the trailing ``/``). Pages of ``ListObjectsV2`` are fetched as the iterator is consumed;
         keys come in S3's (UTF-8 binary) order. Only keys with an image suffix are yielded; "directory
         marker" keys ending in ``/`` are skipped, and so are keys with a path segment below the prefix
-        that starts with ``.`` (like hidden files in :meth:`LocalStorage.list`).
+        that starts with ``.`` (like hidden files in :meth:`LocalStorage.list`). When the listing ends, one
+        WARNING says how many keys were left out because their names are not photos (:class:`LeftOut`).
 
         Raises (while iterating):
             FileNotFoundError: ``no such bucket: BUCKET ...``.
@@ -593,16 +641,23 @@ class S3Storage:
 
     def _list(self, bucket: str, prefix: str, prefix_uri: str) -> Iterator[str]:
         pagination: dict[str, int] = {"PageSize": self.page_size} if self.page_size else {}
+        left_out = LeftOut(prefix_uri)
         try:
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig=pagination):
                 for obj in page.get("Contents", ()):
                     key = obj["Key"]
-                    if key.endswith("/") or not is_image_name(key) or _hidden(key[len(prefix) :]):
+                    if key.endswith("/"):
                         continue
-                    yield f"s3://{bucket}/{key}"
+                    if _hidden(key[len(prefix) :]):
+                        left_out.hidden += 1
+                    elif is_image_name(key):
+                        yield f"s3://{bucket}/{key}"
+                    else:
+                        left_out.not_a_photo(key[len(prefix) :])
         except _botocore_errors() as exc:
             raise _translate(exc, prefix_uri, "ListObjectsV2") from exc
+        left_out.tell()
 
 
 # -------------------------------------------------------------------------------------------- reader
@@ -621,12 +676,16 @@ class ObjectReader:
         *,
         s3: S3Storage | None = None,
         s3_factory: Callable[[], S3Storage] | None = None,
+        fetch_concurrency: int | None = None,
     ) -> None:
-        """``s3``: a ready S3 storage; else ``s3_factory()`` (default ``S3Storage()``) on first S3 use."""
+        """``s3``: a ready S3 storage; else ``s3_factory()`` (default ``S3Storage()``) on first S3 use.
+        ``fetch_concurrency``: the reads over the network this reader is meant to serve at once (its S3 connection
+        pool is sized for them), which :func:`pipeline.inference.streaming.run_pipeline` uses; None: no advice."""
         self.local = local
         self._s3 = s3
         self._s3_factory = s3_factory or S3Storage
         self._lock = threading.Lock()
+        self.fetch_concurrency = fetch_concurrency
 
     @property
     def s3(self) -> S3Storage:
@@ -683,13 +742,44 @@ class ObjectReader:
                 close()
 
 
+# The S3 storages of this process, one per configuration: a client costs ~0.3 s to create and its pool's
+# connections a round trip each to open, so a worker reuses them from task to task instead of paying both per task.
+_SHARED_S3: dict[tuple[Any, ...], S3Storage] = {}
+_SHARED_S3_LOCK = threading.Lock()
+# What boto3 reads from the environment when it creates a client: a change makes a new client (tests change them).
+_AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE",
+            "AWS_DEFAULT_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_CONFIG_FILE",
+            "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_CA_BUNDLE")
+
+
+def _forget_shared_s3() -> None:
+    _SHARED_S3.clear()  # a forked child must not share its parent's connections
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_shared_s3)
+
+
+def _shared_s3(**options: Any) -> S3Storage:
+    """The process's :class:`S3Storage` for ``options`` (and the AWS environment), created on first use."""
+    key = (tuple(sorted(options.items())), tuple(os.environ.get(name) for name in _AWS_ENV))
+    with _SHARED_S3_LOCK:
+        storage = _SHARED_S3.get(key)
+        if storage is None:
+            storage = _SHARED_S3[key] = S3Storage(**options)
+        return storage
+
+
 def make_reader(settings: Settings | None = None, extra_roots: Sequence[Path] = ()) -> ObjectReader:
     """An :class:`ObjectReader` for ``settings`` (the process's :func:`get_settings` when None).
 
     Local roots are ``settings.local_roots`` plus ``extra_roots`` (realpath-resolved); images larger than
     ``settings.max_image_bytes`` are refused; S3 uses ``settings.s3_endpoint_url``, the timeouts
-    ``fetch_timeout_s`` (read) and ``s3_connect_timeout_s``, the retries ``s3_retry_mode`` and ``s3_max_attempts``
-    and ``s3_max_pool_connections``, with the client created on first S3 use.
+    ``fetch_timeout_s`` (read) and ``s3_connect_timeout_s``, the retries ``s3_retry_mode`` and ``s3_max_attempts``,
+    and a connection pool of ``s3_max_pool_connections``, or ``fetch_concurrency`` where that is more (every fetch
+    thread gets a connection of its own). The S3 client is created on first S3 use and shared by the readers of
+    this process with the same settings (and AWS environment): its connections stay open from one task to the
+    next. The reader's ``fetch_concurrency`` is ``settings.fetch_concurrency``.
     """
     if settings is None:
         from pipeline.settings import get_settings
@@ -698,15 +788,15 @@ def make_reader(settings: Settings | None = None, extra_roots: Sequence[Path] = 
     roots = [*settings.local_roots, *extra_roots]
     local = LocalStorage(roots, max_bytes=settings.max_image_bytes)
     factory = partial(
-        S3Storage,
+        _shared_s3,
         endpoint_url=settings.s3_endpoint_url,
         timeout_s=settings.fetch_timeout_s,
         max_bytes=settings.max_image_bytes,
         connect_timeout_s=settings.s3_connect_timeout_s,
         max_attempts=settings.s3_max_attempts,
         retry_mode=settings.s3_retry_mode,
-        max_pool_connections=settings.s3_max_pool_connections,
+        max_pool_connections=max(settings.s3_max_pool_connections, settings.fetch_concurrency),
     )
-    return ObjectReader(local, s3_factory=factory)
+    return ObjectReader(local, s3_factory=factory, fetch_concurrency=settings.fetch_concurrency)
 
 

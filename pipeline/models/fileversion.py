@@ -270,7 +270,44 @@ def content_version(data: bytes, *, what: str = "model file") -> str:
         ModelFileError: not a ``torch.save`` archive of an invsort model file, or a damaged one (missing fields,
             tensors outside their storage, unsupported tensor types); one line that starts with ``what``.
     """
+    return _archive_version(_Archive(data, what))
+
+
+def read_model_payload(data: bytes, *, what: str = "model file") -> tuple[dict[str, Any], str]:
+    """``(fields, version)`` of the model file whose bytes are ``data``, without importing torch, in one read.
+
+    ``fields`` is the file's dict without its tensors: no ``state_dict``, and an ``open_set`` entry without its
+    ``whiten`` and ``centers``; any value that is not a plain one (``str``, ``int``, ``float``, ``bool``,
+    ``None``, lists and string-keyed dicts of them), e.g. a tensor or an object in ``info``, is ``None``.
+    ``version`` is :func:`content_version`'s. :func:`pipeline.models.meta.load_model_meta` checks the fields.
+
+    Raises:
+        ModelFileError: as :func:`content_version`.
+    """
     archive = _Archive(data, what)
+    version = _archive_version(archive)
+    fields = {k: _plain(v) for k, v in archive.obj.items() if k != "state_dict"}
+    entry = archive.obj.get("open_set")
+    if isinstance(entry, dict):
+        fields["open_set"] = {k: _plain(v) for k, v in entry.items() if k not in ("whiten", "centers")}
+    return fields, version
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """``value`` if it is a plain value (lists and string-keyed dicts of them included, 32 levels at most), else
+    None."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if depth < 32 and isinstance(value, list | tuple):
+        return [_plain(v, depth + 1) for v in value]
+    if depth < 32 and isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _plain(v, depth + 1) for k, v in value.items()}
+    return None
+
+
+def _archive_version(archive: _Archive) -> str:
+    """:func:`content_version` of an archive already read."""
+    what = archive.what
     obj = archive.obj
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ModelFileError(f"{what} is not an invsort model file (expected format {FORMAT!r}); "

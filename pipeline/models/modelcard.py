@@ -9,16 +9,18 @@ calibration and the review threshold.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.models.modelfile import ModelFile
+if TYPE_CHECKING:
+    from pipeline.models.meta import ModelMeta
+    from pipeline.models.modelfile import ModelFile
 
 
 def _f(x: Any, digits: int = 4) -> str:
     return f"{x:.{digits}f}" if isinstance(x, int | float) else "n/a"
 
 
-def model_card(mf: ModelFile) -> str:
+def model_card(mf: ModelFile | ModelMeta) -> str:
     """The model card of ``mf`` as Markdown."""
     info = mf.info
     data = info.get("data", {})
@@ -35,6 +37,8 @@ def model_card(mf: ModelFile) -> str:
         f"- Architecture: `{mf.arch}`, input {mf.input_size[0]}x{mf.input_size[1]} px, {mf.in_chans} channel(s), "
         f"mean {list(mf.mean)}, std {list(mf.std)}",
         f"- Classes ({mf.num_classes}): {', '.join(mf.class_names)}",
+        f"- Predicts: `{mf.attribute}`" + (" (the item's category: `catalog_items`)" if mf.attribute == "category"
+                                           else " (an attribute beside the category: `catalog_attributes`)"),
         f"- Starting weights: {recipe.get('weights') or 'none (trained from scratch)'}",
         f"- Created: {mf.created_at}",
         "",
@@ -160,7 +164,7 @@ def evaluation_lines(evaluations: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _open_set_line(mf: ModelFile) -> str:
+def _open_set_line(mf: ModelFile | ModelMeta) -> str:
     o = mf.open_set
     if o is None:
         return ("Not fitted: every photo is given one of the classes above (fit one with `invsort calibrate-ood`).")

@@ -6,9 +6,12 @@ Layout (every value is a type that ``torch.load(..., weights_only=True)`` accept
      "in_chans": 3, "input_size": [H, W], "mean": [...], "std": [...],
      "version": "<12 hex chars, for information only>", "state_dict": {...},
      "temperature": 1.0, "review_threshold": 0.0, "created_at": "ISO-8601", "info": {...},
-     "open_set": {"method": "mahalanobis", "threshold": ..., "tpr": 0.95, "whiten": tensor, "centers": tensor}}
+     "open_set": {"method": "mahalanobis", "threshold": ..., "tpr": 0.95, "whiten": tensor, "centers": tensor},
+     "attribute": "category"}
 
 ``open_set`` (:mod:`pipeline.models.openset`) is optional: a file without it (older ones) loads and rejects nothing.
+``attribute`` says what the class names are values of: ``category`` (the default, and what a file without it
+predicts) or another attribute such as ``toe`` or ``material``, which a sort writes into ``catalog_attributes``.
 
 The ``version`` field is written but never read: :func:`load_model_file` computes the version from the content it
 loads (:func:`model_version`, the same as :func:`pipeline.models.fileversion.content_version` computes without
@@ -33,7 +36,6 @@ from pipeline.io.files import atomic_path
 from pipeline.io.images import to_model_input
 from pipeline.models.fileversion import BUNDLED as BUNDLED
 from pipeline.models.fileversion import (
-    BUNDLED_PREFIX,
     FORMAT,
     content_version,
     read_model_bytes,
@@ -41,6 +43,7 @@ from pipeline.models.fileversion import (
     version_meta,
 )
 from pipeline.models.fileversion import resolve_model_path as resolve_model_path
+from pipeline.models.meta import CATEGORY, checked_attribute, model_name
 from pipeline.models.openset import OpenSet, OpenSetNet
 from pipeline.models.registry import arch_spec, create_model
 
@@ -66,6 +69,7 @@ class ModelFile:
     created_at: str = ""
     info: dict[str, Any] = field(default_factory=dict)
     open_set: OpenSet | None = None
+    attribute: str = CATEGORY  # what the class names are values of (pipeline.models.meta.checked_attribute)
 
     @property
     def num_classes(self) -> int:
@@ -128,6 +132,7 @@ def save_model_file(mf: ModelFile, path: str | Path) -> str:
         "review_threshold": float(mf.review_threshold),
         "created_at": mf.created_at or dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "info": mf.info,
+        "attribute": checked_attribute(mf.attribute),
     }
     if mf.open_set is not None:
         payload["open_set"] = mf.open_set.to_dict()
@@ -218,6 +223,7 @@ def _from_payload(obj: dict[str, Any], spec: str) -> ModelFile:
             created_at=str(obj.get("created_at", "")),
             info=dict(obj.get("info", {})),
             open_set=OpenSet.from_dict(obj["open_set"]) if obj.get("open_set") is not None else None,
+            attribute=checked_attribute(obj.get("attribute", CATEGORY), spec),
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise ModelFileError(f"{spec} is a damaged invsort model file: missing or bad field {exc}") from None
@@ -301,5 +307,5 @@ def load_model_file(spec: str, *, reader: ObjectReader | None = None) -> ModelFi
     if without_torch != mf.version:  # the two readers of the format disagree: refuse rather than pin wrongly
         raise ModelFileError(f"model file {spec}: its content hashes to version {mf.version} as torch loads it but "
                              f"{without_torch} as read without torch; save it again with invsort")
-    mf.name = spec if spec.startswith(BUNDLED_PREFIX) else f"{mf.arch}:{Path(path).stem}"
+    mf.name = model_name(spec, path, mf.arch)
     return mf

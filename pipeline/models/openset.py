@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from pipeline.io.images import to_model_input
+from pipeline.models.meta import UNKNOWN as UNKNOWN  # the reason of a needs_review row the score calls unknown
 
 METHODS = ("mahalanobis",)
 DEFAULT_TPR = 0.95
-UNKNOWN = "unknown"  # the reason in catalog_items.error of a needs_review row that the score calls unknown
 
 
 @dataclass

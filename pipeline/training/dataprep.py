@@ -27,7 +27,6 @@ import csv
 import hashlib
 import io
 import logging
-import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from pipeline.errors import ConfigError, ImageError, SourceError
 from pipeline.io.files import atomic_write_bytes, sha256_file
 from pipeline.io.folders import read_image, scan_folder
 from pipeline.progress import progress as progress_display
+from pipeline.settings import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +339,7 @@ def _read_all(
 ) -> tuple[list[ImageRecord], list[tuple[str, str]], list[bytes], list[np.ndarray]]:
     """:func:`_check_one` of every ``(path, class, given split)`` in a thread pool: the good images' records,
     ``(path, reason)`` of the bad files, and the good images' packed perceptual hashes and thumbnails."""
-    threads = threads or min(8, os.cpu_count() or 1)
+    threads = threads or min(8, usable_cpus())
     with ThreadPoolExecutor(threads) as pool:
         checked = pool.map(lambda s: _check_one(s[0], min_side_px), samples, chunksize=32)
         results = list(progress_display(checked, total=len(samples), desc="check", unit="img", disable=not progress))

@@ -31,9 +31,9 @@ augmentation and dropout are drawn from seeded generators, and a resumed run con
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
-import os
 import random
 import time
 from collections import Counter
@@ -56,10 +56,13 @@ from pipeline.inference.predictor import resolve_device
 from pipeline.io.files import sha256_file
 from pipeline.io.folders import Arrays, load_images, read_image
 from pipeline.io.images import MIN_SIDE_PX
+from pipeline.models.meta import ATTRIBUTE_NAME, CATEGORY
 from pipeline.models.modelcard import write_model_card
 from pipeline.models.modelfile import ModelFile, save_model_file
 from pipeline.models.openset import OpenSet, fit_open_set
 from pipeline.models.registry import arch_spec, create_model
+from pipeline.models.runtimes import export_beside
+from pipeline.settings import usable_cpus
 from pipeline.training.checkpoints import checkpoint_dir, load_checkpoint, model_card_path, split_manifest_path
 from pipeline.training.dataprep import (
     DatasetReport,
@@ -86,6 +89,10 @@ from pipeline.training.transforms import batch_mixing, train_preset
 log = logging.getLogger(__name__)
 
 BALANCE_MODES = ("auto", "none", "weights", "sampler")
+
+#: ``(category names, folder) -> ([(path, category, sha256)], summary)``: extra training photos, e.g.
+#: :func:`pipeline.feedback.catalog_feedback` (the feedback loop).
+FeedbackSource = Callable[[Sequence[str], Path], tuple[list[tuple[str, str, str]], dict[str, Any]]]
 
 
 @dataclass
@@ -134,6 +141,9 @@ class TrainConfig:
     open_set_tpr: float = 0.95  # the open-set score's threshold keeps this fraction of validation rows; 0 = no score
     shift_calibration: bool = True  # the review threshold's promise must hold on the validation photos under the
     # robustness shifts too (pooled), not only on the photos as they are (pipeline.evaluation.shift_calibration)
+    init_from: str | None = None  # fine-tune from this model file's weights (path, s3:// or bundled:NAME), not
+    # ImageNet's: its architecture, channels and input size; the classifier too when the categories are the same
+    attribute: str = CATEGORY  # what the folder names are values of: the category, or another attribute ("toe")
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad value and its valid range."""
@@ -154,6 +164,8 @@ class TrainConfig:
             ("threshold_confidence", 0.5 <= self.threshold_confidence < 1, "in [0.5, 1)"),
             ("balance", self.balance in BALANCE_MODES, f"one of {', '.join(BALANCE_MODES)}"),
             ("in_chans", self.in_chans in (1, 3), "1 or 3"),
+            ("attribute", ATTRIBUTE_NAME.fullmatch(str(self.attribute)) is not None,
+             f"1..64 characters of a-z, 0-9 and _, starting with a letter ('{CATEGORY}': the item's category)"),
         ]
         for name, ok, valid in checks:
             if not ok:
@@ -277,14 +289,21 @@ class ModelInputs:
 
 def check_and_split(
     data_dir: str | Path, manifest: Path, cfg: TrainConfig | None, overrides: dict[str, Any] | None, *,
-    log_fn: Callable[[str], None], progress: bool,
+    log_fn: Callable[[str], None], progress: bool, feedback: FeedbackSource | None = None,
+    feedback_dir: Path | None = None,
 ) -> PreparedData:
     """Step 1: check the photos (:func:`pipeline.training.dataprep.check_dataset`, the worker's minimum side),
     resolve the recipe when ``cfg`` is None, split them and write the split manifest to ``manifest``.
 
+    With ``feedback`` (e.g. :func:`pipeline.feedback.catalog_feedback`: a catalog's human-reviewed rows), the photos
+    it fetches into ``feedback_dir`` join the **training** split;
+    one whose bytes equal a photo of the folder is left out (a validation or test photo would leak into the
+    figures, a training photo adds nothing). The split manifest lists them, so ``--resume`` needs no database.
+
     Raises:
         SourceError: the folder is missing or has fewer than two categories.
         ConfigError: a bad recipe value.
+        sqlalchemy.exc.OperationalError: the feedback's database did not answer.
     """
     if cfg is not None:
         cfg.validate()
@@ -297,7 +316,12 @@ def check_and_split(
         paths = [r.path for r in report.images]
         cfg = resolve_recipe(overrides or {}, [r.size for r in report.images], _is_gray(paths))
     split = grouped_split(report, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
-    split_sha = write_split_manifest(split, manifest, hashes={r.path: r.sha256 for r in report.images})
+    hashes = {r.path: r.sha256 for r in report.images}
+    summary_feedback = None
+    if feedback is not None:
+        summary_feedback = _add_feedback(feedback, report.class_names, feedback_dir or manifest.parent / "feedback",
+                                         split, hashes, log_fn=log_fn)
+    split_sha = write_split_manifest(split, manifest, hashes=hashes)
     log_fn(
         f"data: {len(report.images)} good images in {len(report.class_names)} classes "
         f"({', '.join(f'{k} {v}' for k, v in report.class_counts.items())}), imbalance "
@@ -309,7 +333,30 @@ def check_and_split(
     for path, reason in report.bad_files[:20]:
         log_fn(f"  excluded {path}: {reason}")
     summary = _data_summary(data_dir, report, split, manifest, split_sha)
+    if summary_feedback is not None:
+        summary["feedback"] = summary_feedback
     return PreparedData(cfg, list(report.class_names), split, summary)
+
+
+def _add_feedback(
+    feedback: FeedbackSource, class_names: Sequence[str], dest: Path, split: dict[str, list[tuple[str, str]]],
+    hashes: dict[str, str], *, log_fn: Callable[[str], None],
+) -> dict[str, Any]:
+    """Append the feedback photos to ``split["train"]`` (and their hashes to ``hashes``), leaving out those whose
+    bytes are already in the folder; returns the feedback summary for ``info["data"]``."""
+    photos, summary = feedback(class_names, dest)
+    known = set(hashes.values())
+    added = 0
+    for path, category, sha in photos:
+        if sha in known:
+            summary["duplicates"] = summary.get("duplicates", 0) + 1
+            continue
+        split["train"].append((path, category))
+        hashes[path] = sha
+        added += 1
+    split["train"].sort()
+    log_fn(f"feedback: {added} reviewed photos added to the training split")
+    return {**summary, "added_to_train": added}
 
 
 def _data_summary(
@@ -367,14 +414,23 @@ def load_split_images(
 
 
 def build_model(cfg: TrainConfig, num_classes: int, device: torch.device, *, weights: str | None,
-                log_fn: Callable[[str], None] = print) -> nn.Module:
-    """Step 4: the network (``weights``: ImageNet weights or None), classifier-only trainable with
-    ``freeze_backbone``, on ``device`` in channels-last memory format. A pretrained architecture started from
-    random weights is said loudly: on a photo set of thousands it costs tens of points of top-1."""
-    if weights is None and cfg.arch != "invsort_cnn":
-        log_fn(f"WARNING: {cfg.arch} starts from RANDOM weights; for photos pass --weights imagenet (torchvision's "
-               "download) or a local .pth / s3:// URI of ImageNet weights")
-    model = create_model(cfg.arch, num_classes=num_classes, in_chans=cfg.in_chans, weights=weights)
+                log_fn: Callable[[str], None] = print, class_names: Sequence[str] = ()) -> nn.Module:
+    """Step 4: the network (``weights``: ImageNet weights or None; ``cfg.init_from``: a model file's weights
+    instead, see :func:`_model_from_file`), classifier-only trainable with ``freeze_backbone``, on ``device`` in
+    channels-last memory format. A pretrained architecture started from random weights is said loudly: on a photo
+    set of thousands it costs tens of points of top-1.
+
+    Raises:
+        ConfigError: ``cfg.init_from`` is another architecture or channel count than ``cfg``'s.
+        FileNotFoundError, ModelFileError: ``cfg.init_from`` is missing or not a model file.
+    """
+    if cfg.init_from is not None:
+        model = _model_from_file(cfg, num_classes, class_names, log_fn=log_fn)
+    else:
+        if weights is None and cfg.arch != "invsort_cnn":
+            log_fn(f"WARNING: {cfg.arch} starts from RANDOM weights; for photos pass --weights imagenet "
+                   "(torchvision's download) or a local .pth / s3:// URI of ImageNet weights")
+        model = create_model(cfg.arch, num_classes=num_classes, in_chans=cfg.in_chans, weights=weights)
     if cfg.freeze_backbone:
         prefixes = arch_spec(cfg.arch).classifier_prefixes
         for name, p in model.named_parameters():
@@ -410,7 +466,7 @@ def fit_model(
     transform = train_preset(inputs.size, inputs.mean, inputs.std, in_chans=cfg.in_chans, policy=cfg.policy,
                              hflip=cfg.hflip, scale=(cfg.crop_scale, 1.0), color_jitter=cfg.color_jitter,
                              backgrounds=cfg.backgrounds)
-    cpus = os.cpu_count() or 1
+    cpus = usable_cpus()
     workers = cfg.loader_workers if cfg.loader_workers >= 0 else (0 if cpus <= 4 else min(8, cpus // 4))
     steps_per_epoch = math.ceil(len(train_set.labels) / cfg.batch_size)
     how = StepRecipe(
@@ -550,6 +606,63 @@ def score_test_split(
     return metrics
 
 
+def _model_from_file(cfg: TrainConfig, num_classes: int, class_names: Sequence[str], *,
+                     log_fn: Callable[[str], None]) -> nn.Module:
+    """The network with ``cfg.init_from``'s weights: all of them when its categories are ``class_names`` in the
+    same order, else all but the classifier (``arch_spec(arch).classifier_prefixes``, newly initialised)."""
+    from pipeline.models.modelfile import load_model_file
+
+    mf = load_model_file(cfg.init_from or "")
+    if (mf.arch, mf.in_chans) != (cfg.arch, cfg.in_chans):
+        raise ConfigError(f"init_from {cfg.init_from} is {mf.arch} with {mf.in_chans} channel(s); this run trains "
+                          f"{cfg.arch} with {cfg.in_chans}: leave --arch and --grayscale/--rgb unset, or start "
+                          "from ImageNet weights (--weights)")
+    model = create_model(cfg.arch, num_classes=num_classes, in_chans=cfg.in_chans)
+    if list(mf.class_names) == list(class_names):
+        model.load_state_dict(mf.state_dict, strict=True)
+        log_fn(f"fine-tuning from {cfg.init_from} (version {mf.version}): every weight, classifier included")
+        return model
+    head = arch_spec(cfg.arch).classifier_prefixes
+    backbone = {k: v for k, v in mf.state_dict.items() if not k.startswith(head)}
+    missing, unexpected = model.load_state_dict(backbone, strict=False)
+    if unexpected or any(not k.startswith(head) for k in missing):
+        raise ModelFileError(f"{cfg.init_from}: its weights do not fit {cfg.arch} (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+    log_fn(f"fine-tuning from {cfg.init_from} (version {mf.version}): its categories {list(mf.class_names)} are "
+           f"not this run's {list(class_names)}, so the classifier starts new")
+    return model
+
+
+def init_from_overrides(overrides: dict[str, Any], *, log_fn: Callable[[str], None] = print) -> dict[str, Any]:
+    """The recipe values a run that fine-tunes from ``overrides["init_from"]`` takes from that model file unless
+    the user set them: its architecture, channels and input size, and a 5x lower peak learning rate than the
+    preset's (3e-4 for MobileNetV2's 1e-3: the weights are already trained, a full-size step would undo them).
+
+    Raises:
+        FileNotFoundError, ModelFileError: the model file is missing or not one.
+    """
+    spec = overrides.get("init_from")
+    if not spec:
+        return overrides
+    from pipeline.models.fileversion import model_file_version
+    from pipeline.models.modelfile import load_model_file
+
+    mf = load_model_file(spec)
+    out = {"arch": mf.arch, "in_chans": mf.in_chans, "image_size": tuple(mf.input_size), **overrides}
+    if "lr" not in overrides:
+        preset = "small" if out["arch"] == "invsort_cnn" else "photo"
+        out["lr"] = PRESETS[preset]["lr"] / FINE_TUNE_LR_DIVISOR
+    if overrides.get("weights"):
+        log_fn(f"--weights {overrides['weights']} is ignored: the run starts from {spec}")
+    out["weights"] = None
+    log_fn(f"init from {spec} (version {model_file_version(spec)}): {mf.arch}, {mf.in_chans} channel(s), "
+           f"{mf.input_size[0]}x{mf.input_size[1]} px, peak lr {out['lr']:g}")
+    return out
+
+
+FINE_TUNE_LR_DIVISOR = 5.0  # init_from: the preset's peak learning rate divided by this, unless --lr is given
+
+
 def _seed(cfg: TrainConfig) -> None:
     """Torch threads, then torch's, Python's and NumPy's global generators from ``cfg.seed``."""
     if cfg.threads:
@@ -581,6 +694,8 @@ def train(
     resume: bool = False,
     progress: bool = True,
     log_fn: Callable[[str], None] = print,
+    feedback: FeedbackSource | None = None,
+    export_onnx: bool = True,
 ) -> ModelFile:
     """Check, split, train, calibrate and score a model on ``data_dir``; write the model file ``out``.
 
@@ -596,6 +711,11 @@ def train(
         progress: progress display on stderr (:func:`pipeline.progress.progress`: a bar on a terminal, else a
             log line every tenth of a pass, logger ``pipeline.progress`` at INFO).
         log_fn: receives one line per step and per epoch (loss, accuracy, learning rate, images/s).
+        feedback: photos that join the training split only, e.g. a catalog's human-reviewed rows (the feedback
+            loop: :func:`pipeline.feedback.catalog_feedback`; fetched into ``<out>.ckpt/feedback/``). With
+            ``overrides["init_from"]`` (a model file) the run fine-tunes that model (:func:`init_from_overrides`).
+        export_onnx: also write the ONNX export beside ``out`` (``<stem>.onnx`` and its ``.onnx.json`` record,
+            :func:`pipeline.models.runtimes.export_beside`) when the ``onnx`` extra is installed.
 
     Returns:
         The saved :class:`ModelFile`. ``info`` holds the recipe, the data summary (class counts, excluded
@@ -611,8 +731,11 @@ def train(
     t_start = time.perf_counter()
     out = Path(out)
     ckdir, manifest = checkpoint_dir(out), split_manifest_path(out)
+    if not resume and cfg is None and overrides:
+        overrides = init_from_overrides(overrides, log_fn=log_fn)
     data = (from_checkpoint(ckdir, manifest, log_fn) if resume
-            else check_and_split(data_dir, manifest, cfg, overrides, log_fn=log_fn, progress=progress))
+            else check_and_split(data_dir, manifest, cfg, overrides, log_fn=log_fn, progress=progress,
+                                 feedback=feedback, feedback_dir=ckdir / "feedback"))
     cfg, split = data.cfg, data.split
     log_fn(f"split: train {len(split['train'])}, val {len(split['val'])}, test {len(split['test'])} "
            f"(manifest {manifest})")
@@ -623,8 +746,10 @@ def train(
     _seed(cfg)
     device = resolve_device(cfg.device)
     arrays = load_split_images(data, inputs.size, log_fn=log_fn, progress=progress)
-    model = build_model(cfg, len(data.class_names), device, weights=None if data.checkpoint else cfg.weights,
-                        log_fn=log_fn if not data.checkpoint else lambda _: None)
+    # a resumed run's weights come from its checkpoint, not from ImageNet's or init_from's file
+    build_cfg = dataclasses.replace(cfg, init_from=None) if data.checkpoint else cfg
+    model = build_model(build_cfg, len(data.class_names), device, weights=None if data.checkpoint else cfg.weights,
+                        log_fn=log_fn if not data.checkpoint else lambda _: None, class_names=data.class_names)
     recipe = {**asdict(cfg), "image_size": list(inputs.size)}
     meta = {"config": recipe, "class_names": data.class_names, "data": data.summary}
     fitted = fit_model(model, data, arrays["train"], arrays["val"], inputs, device=device, ckdir=ckdir, meta=meta,
@@ -645,7 +770,8 @@ def train(
     mf = ModelFile(arch=cfg.arch, class_names=data.class_names, in_chans=cfg.in_chans, input_size=inputs.size,
                    mean=inputs.mean, std=inputs.std, state_dict=best_state,
                    temperature=float(calibration["temperature"]), review_threshold=float(threshold["threshold"]),
-                   info=info, created_at=datetime.now(UTC).isoformat(timespec="seconds"), open_set=open_set)
+                   info=info, created_at=datetime.now(UTC).isoformat(timespec="seconds"), open_set=open_set,
+                   attribute=cfg.attribute)
     if (test := score_test_split(model, arrays["test"], inputs, mf, device=device, log_fn=log_fn)) is not None:
         info["test"] = test
     info["train_seconds"] = time.perf_counter() - t_start
@@ -653,4 +779,6 @@ def train(
     write_model_card(mf, model_card_path(out))
     log_fn(f"saved {out} (version {version}), model card {model_card_path(out)}; "
            f"{info['train_seconds']:.0f} s in all")
+    if export_onnx:  # beside the model: what INVSORT_RUNTIME=onnxruntime / openvino run, without torch
+        export_beside(mf, out, log_fn)
     return mf

@@ -1,7 +1,8 @@
 """The HTTP API's FastAPI app (``invsort serve``): :func:`create_app`, ``/healthz``, ``/metrics`` and the errors.
 
 Routes: ``POST /v1/classify`` (:mod:`worker.web.classify`), ``/v1/jobs`` (:mod:`worker.web.jobs`), ``/v1/items`` and
-``POST /v1/reviews`` (:mod:`worker.web.items`). OpenAPI at ``/openapi.json``, its pages at ``/docs``.
+``POST /v1/reviews`` (:mod:`worker.web.items`). OpenAPI at ``/openapi.json``, its pages at ``/docs``. With
+``INVSORT_API_TOKEN`` set, every route but ``/healthz`` needs the token or the pages' session (:mod:`worker.web.auth`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -25,7 +27,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from db.session import session_scope
 from pipeline.settings import Settings
 from pipeline.sorting import get_predictor
-from worker.web import classify, items, jobs, pages
+from worker.web import auth, changes, classify, items, jobs, pages
 from worker.web.context import Ctx, WebContext
 from worker.web.metrics import Metrics, RequestMetrics
 from worker.web.runner import JobStarter
@@ -90,7 +92,8 @@ def create_app(settings: Settings, *, model_spec: str | None = None) -> FastAPI:
 
     The model is loaded when the app starts (its lifespan), so that a bad model file stops the server at start-up
     rather than at its first request; an embedded job still running when it stops is failed with that reason. The
-    database must be at the latest schema (``invsort serve`` migrates it first).
+    database must be at the latest schema (``invsort serve`` migrates it first). With ``settings.api_token`` every
+    route but ``/healthz``, the login page and the pages' assets needs the token (:mod:`worker.web.auth`).
 
     Returns:
         A :class:`~fastapi.FastAPI` app; serve it with uvicorn, or test it with FastAPI's ``TestClient`` (as a
@@ -114,20 +117,28 @@ def create_app(settings: Settings, *, model_spec: str | None = None) -> FastAPI:
     app = FastAPI(
         title="invsort", version=_app_version(), lifespan=lifespan,
         description="Sort product photos into catalogue categories with a CNN: classify uploads, run jobs over "
-                    "folders, S3 prefixes and manifests, read the catalog. No authentication: keep it on a trusted "
-                    "network or behind a proxy that authenticates.",
+                    "folders, S3 prefixes and manifests, read the catalog. When the server has a token "
+                    "(INVSORT_API_TOKEN), every request but /healthz needs `Authorization: Bearer <token>` (401 "
+                    "without); the web pages ask for it once at /login. Without a token there is no authentication "
+                    "and `invsort serve` listens on a loopback address only.",
     )
     app.state.invsort = ctx
+    secured: list[Any] = []
+    if settings.api_token is not None:
+        auth.install(app, settings.api_token)  # inside RequestMetrics: refused requests are counted too
+        secured = auth.openapi_security()
     app.add_middleware(RequestMetrics, metrics=ctx.metrics)
     _install_error_handlers(app)
-    app.include_router(_health_router())
+    app.include_router(_health_router(secured))
     for module in (classify, jobs, items):
-        app.include_router(module.router)
+        app.include_router(module.router, dependencies=secured)
+    app.include_router(changes.router, dependencies=secured)  # /v1/changes (worker/web/changes.py)
     app.include_router(pages.router)  # the HTML pages (worker/web/pages.py)
     return app
 
 
-def _health_router() -> APIRouter:
+def _health_router(secured: list[Any]) -> APIRouter:
+    """``/healthz`` (always open) and ``/metrics`` (with ``secured``: the token's OpenAPI security)."""
     router = APIRouter(tags=["server"])
 
     @router.get("/healthz", response_model=Health, summary="Is the server able to work",
@@ -148,7 +159,7 @@ def _health_router() -> APIRouter:
                       database=DatabaseHealth(reachable=error is None, dialect=dialect, error=error))
         return JSONResponse(body.model_dump(mode="json"), status_code=200 if error is None else 503)
 
-    @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response, dependencies=secured,
                 responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
     def metrics(ctx: Ctx) -> Response:
         """Requests, classify latency, photos classified by status, jobs started by mode, jobs by status."""

@@ -17,7 +17,7 @@ from db.session import session_scope
 from pipeline.records import STATUSES
 from pipeline.sorting import get_predictor
 from worker.web.context import Ctx
-from worker.web.schemas import ApiError, ItemOut, ItemPageOut, ReviewEntry, ReviewIn, ReviewOut
+from worker.web.schemas import BAD_JSON, ApiError, ItemOut, ItemPageOut, ReviewEntry, ReviewIn, ReviewOut
 
 router = APIRouter(tags=["items"])
 
@@ -100,7 +100,8 @@ def item(item_id: str, ctx: Ctx) -> ItemOut:
 
 @router.post("/v1/reviews", response_model=ReviewOut, status_code=201, summary="Record a person's decision",
              responses={404: {"model": ApiError, "description": "no such item"},
-                        422: {"model": ApiError, "description": "a category the model does not have, a bad reviewer"}})
+                        422: {"model": ApiError, "description": "a category the model does not have, a bad reviewer"},
+                        **BAD_JSON})
 def review(body: ReviewIn, ctx: Ctx) -> ReviewOut:
     """A person decides an item's category (`category`, one of the server model's categories), or that it is not a
     product / unknown (`category` null). The row becomes `reviewed` and no later sort overwrites it; the model's

@@ -15,16 +15,12 @@ sent with a Content-Security-Policy that lets it load nothing but this server's 
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import json
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
-from datetime import datetime
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 import cv2
@@ -35,6 +31,7 @@ from sqlalchemy.orm import Session
 from starlette.templating import Jinja2Templates
 
 from db.catalog import CatalogRow, get_item
+from db.export import csv_chunks, jsonl_lines, walk_items
 from db.queries import ItemFilters, list_items
 from db.reviews import (
     MAX_QUEUE_PAGE,
@@ -49,11 +46,14 @@ from pipeline.errors import ImageError, SourceError, TransientError
 from pipeline.io.images import DecodeBudget, check_image_header, decode_image
 from pipeline.io.storage import ObjectReader, make_reader, uri_scheme
 from pipeline.models.fileversion import resolve_model_path
+from pipeline.models.meta import ModelMeta, load_model_meta
 from pipeline.models.modelcard import model_card
-from pipeline.models.modelfile import ModelFile
 from pipeline.records import STATUSES
 from pipeline.sorting import get_predictor
 from worker.web.context import Ctx, WebContext
+
+if TYPE_CHECKING:  # torch only for the type: a lean server (INVSORT_RUNTIME=onnxruntime) never imports it
+    from pipeline.models.modelfile import ModelFile
 
 router = APIRouter(include_in_schema=False)
 
@@ -70,8 +70,6 @@ _STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; cha
 THUMB_SIDE = 160  # longest side of a thumbnail, pixels (smaller photos are sent at their own size)
 REVIEW_PAGE = 25
 CATALOG_PAGE = 50
-EXPORT_CHUNK = 1000  # rows read per keyset page while an export streams
-EXPORT_COLUMNS = tuple(f.name for f in fields(CatalogRow))
 NOT_A_PRODUCT = "not a product / unknown"
 
 
@@ -100,7 +98,7 @@ TEMPLATES.env.globals["asset"] = _asset
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _model(ctx: WebContext) -> tuple[ModelFile, float]:
+def _model(ctx: WebContext) -> tuple[ModelFile | ModelMeta, float]:
     """The served model's file and its review threshold in effect (INVSORT_REVIEW_THRESHOLD or the file's)."""
     predictor = get_predictor(ctx.settings, ctx.model_spec)
     return predictor.model_file, float(predictor.review_threshold)
@@ -226,7 +224,7 @@ def jobs_page(request: Request, ctx: Ctx) -> HTMLResponse:
     return _render(request, "jobs.html", roots=roots)
 
 
-def _card_text(request: Request, ctx: WebContext, mf: ModelFile) -> tuple[str, str]:
+def _card_text(request: Request, ctx: WebContext, mf: ModelFile | ModelMeta) -> tuple[str, str]:
     """The model card (``<stem>.card.md`` beside the model file) and where it came from; without one, the card
     made from the model file itself."""
     spec = resolve_model_path(ctx.model_spec)
@@ -245,51 +243,39 @@ def _card_text(request: Request, ctx: WebContext, mf: ModelFile) -> tuple[str, s
     return model_card(mf), "made from the model file (no .card.md beside it)"
 
 
+@dataclass(frozen=True, slots=True)
+class _AttributeModelShown:
+    """A configured model of another attribute as the Models page shows it: its fields, or why they cannot be read."""
+
+    spec: str
+    meta: ModelMeta | None
+    error: str | None
+
+
+def _attribute_models(request: Request, ctx: WebContext) -> list[_AttributeModelShown]:
+    """``INVSORT_ATTRIBUTE_MODELS``, each read without torch (a file that cannot be read is shown with the reason;
+    the jobs would refuse it)."""
+    shown = []
+    for spec in ctx.settings.attribute_models:
+        try:
+            shown.append(_AttributeModelShown(spec, load_model_meta(spec, reader=_photos(request, ctx).reader), None))
+        except Exception as exc:  # noqa: BLE001 - the page says why, the jobs refuse it with the same reason
+            shown.append(_AttributeModelShown(spec, None, f"{type(exc).__name__}: {exc}"))
+    return shown
+
+
 @router.get("/models", response_class=HTMLResponse)
 def models_page(request: Request, ctx: Ctx) -> HTMLResponse:
-    """The served model: classes, thresholds, open-set score and its model card."""
+    """The served model: classes, thresholds, open-set score and its model card; the configured models of other
+    attributes (``INVSORT_ATTRIBUTE_MODELS``) that run with every job."""
     mf, threshold = _model(ctx)
     card, card_source = _card_text(request, ctx, mf)
     return _render(request, "models.html", model=mf, threshold=threshold, spec=ctx.model_spec, card=card,
-                   card_source=card_source, overridden=ctx.settings.review_threshold is not None)
+                   card_source=card_source, overridden=ctx.settings.review_threshold is not None,
+                   attribute_models=_attribute_models(request, ctx))
 
 
 # ---------------------------------------------------------------------------------------------- exports
-
-
-def _walk(url: str, filters: ItemFilters) -> Iterator[CatalogRow]:
-    """Every row matching ``filters``, by key, a keyset page per short transaction (memory stays flat)."""
-    after = None
-    while True:
-        with session_scope(url) as session:
-            page = list_items(session=session, filters=filters, after=after, limit=EXPORT_CHUNK)
-        yield from page.rows
-        if page.next_after is None:
-            return
-        after = page.next_after
-
-
-def _plain(value: Any) -> Any:
-    return value.isoformat() if isinstance(value, datetime) else value
-
-
-def _csv_lines(rows: Iterator[CatalogRow]) -> Iterator[str]:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(EXPORT_COLUMNS)
-    for n, row in enumerate(rows, 1):
-        writer.writerow(["" if (v := getattr(row, name)) is None else json.dumps(v) if name == "topk" else _plain(v)
-                         for name in EXPORT_COLUMNS])
-        if n % 200 == 0:
-            yield buffer.getvalue()
-            buffer.seek(0)
-            buffer.truncate()
-    yield buffer.getvalue()
-
-
-def _jsonl_lines(rows: Iterator[CatalogRow]) -> Iterator[str]:
-    for row in rows:
-        yield json.dumps({name: _plain(getattr(row, name)) for name in EXPORT_COLUMNS}, ensure_ascii=False) + "\n"
 
 
 @router.get("/catalog/export.{fmt}")
@@ -300,8 +286,8 @@ def catalog_export(fmt: str, request: Request, ctx: Ctx) -> StreamingResponse:
     filters, errors = _parse_filters(dict(request.query_params))
     if errors:
         raise HTTPException(422, "; ".join(errors))
-    rows = _walk(ctx.settings.database_url, filters)
-    lines = _csv_lines(rows) if fmt == "csv" else _jsonl_lines(rows)
+    rows = walk_items(ctx.settings.database_url, filters)
+    lines = csv_chunks(rows) if fmt == "csv" else jsonl_lines(rows)
     media = "text/csv; charset=utf-8" if fmt == "csv" else "application/x-ndjson; charset=utf-8"
     return StreamingResponse(lines, media_type=media,
                              headers={"Content-Disposition": f'attachment; filename="catalog.{fmt}"'})

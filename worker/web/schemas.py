@@ -17,6 +17,26 @@ class ApiError(BaseModel):
     detail: str
 
 
+class ValidationIssue(BaseModel):
+    """One problem of a request that does not fit the API's schema."""
+
+    loc: list[str | int] = Field(description="where: the part (body, query, path, header) and the field")
+    msg: str
+    type: str = Field(description="pydantic's error type, e.g. missing, greater_than_equal")
+
+
+class RequestError(ApiError):
+    """A request the API refuses (422): ``detail`` says every problem in one line, and for a request that does not
+    fit the schema ``errors`` lists them one by one (absent when a valid request was refused for what it names)."""
+
+    errors: list[ValidationIssue] | None = Field(None, description="each problem, when the request did not fit the "
+                                                 "schema")
+
+
+#: The 400 of every route with a JSON body: FastAPI's answer to a body that is not JSON at all.
+BAD_JSON: dict[int | str, dict[str, Any]] = {400: {"model": ApiError, "description": "the body is not JSON"}}
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str = Field(description="12 hex characters of a SHA-256 over the model file's content")
@@ -65,7 +85,8 @@ class JobIn(BaseModel):
     source: str = Field(min_length=1, max_length=4096, description=(
         "a folder or file:// URI inside INVSORT_LOCAL_ROOTS, s3://bucket/prefix, or a .csv/.jsonl manifest "
         "(columns item_id,image_uri)"), examples=["s3://catalogue/photos/"])
-    limit: int | None = Field(None, ge=1, description="sort at most this many images")
+    # le: a count the sort can take (a larger one was a 500: islice refuses it)
+    limit: int | None = Field(None, ge=1, le=2**63 - 1, description="sort at most this many images")
 
 
 class JobOut(BaseModel):
@@ -134,6 +155,8 @@ class ItemOut(BaseModel):
     model_confidence: float | None = None
     reviewed_by: str | None = None
     reviewed_at: datetime | None = None
+    attributes: dict[str, str | None] = Field(default_factory=dict, description="the item's other attributes "
+                                              "(what the job's models of them predicted), e.g. {\"toe\": \"open_toe\"}")
 
     @classmethod
     def of(cls, row: CatalogRow) -> ItemOut:

@@ -2,10 +2,23 @@
 "use strict";
 const invsort = (() => {
   const base = document.body.dataset.base || "";
+  // the session's CSRF token when the server asks for a token (INVSORT_API_TOKEN): sent with every unsafe request
+  const csrfMeta = document.querySelector('meta[name="csrf-token"]');
+  const csrf = csrfMeta ? csrfMeta.content : "";
+
+  // options with the X-CSRF-Token header added when the method is not GET/HEAD (the session cookie's requests
+  // need it; a FormData or JSON body is left as it is)
+  function withCsrf(options) {
+    const method = ((options && options.method) || "GET").toUpperCase();
+    if (!csrf || method === "GET" || method === "HEAD") return options;
+    const headers = new Headers((options && options.headers) || {});
+    headers.set("X-CSRF-Token", csrf);
+    return Object.assign({}, options, {headers});
+  }
 
   // fetch a path of this server; resolves to the parsed JSON, rejects with an Error of the server's detail
   async function request(path, options) {
-    const response = await fetch(base + path, options);
+    const response = await fetch(base + path, withCsrf(options));
     let body = null;
     try { body = await response.json(); } catch (e) { body = null; }
     if (!response.ok) {
@@ -47,5 +60,5 @@ const invsort = (() => {
     node.classList.toggle("error", Boolean(isError));
   }
 
-  return {base, request, postJson, el, topkTable, say};
+  return {base, csrf, withCsrf, request, postJson, el, topkTable, say};
 })();
