@@ -867,10 +867,16 @@ def bench() -> None:
               help="Images per Ray layout tried before the measured Ray run.")
 @click.option("--upserts", "upsert_rows", type=click.IntRange(min=0), default=0,
               help="Also time catalog upserts alone with this many rows on each database (0: no).")
+@click.option("--device", default="cpu", show_default=True, callback=_check_device, metavar="DEVICE",
+              help="Where model_only, naive and invsort run the network: auto, cpu, cuda or cuda:N "
+              "(decode_only and ray run on the CPU).")
+@click.option("--gpu-decode", "gpu_decodes", type=click.Choice(["auto", "on", "off"]), multiple=True,
+              help="INVSORT_GPU_DECODE for the invsort peer; repeat it for one run per mode "
+              "(e.g. --gpu-decode on --gpu-decode off) [default: auto].")
 @_handle_errors
 def bench_run(source: str, model: str | None, limit: int | None, batch_size: int, json_path: str | None,
               db_urls: tuple[str, ...], peers: tuple[str, ...], threads: int, ray_config: str | None,
-              ray_tune_images: int, upsert_rows: int) -> None:
+              ray_tune_images: int, upsert_rows: int, device: str, gpu_decodes: tuple[str, ...]) -> None:
     """Measure invsort against its peers on the same images, model and machine; print a table.
 
     Peers, each in its own process: model_only (forward passes on a batch in memory: the ceiling),
@@ -884,6 +890,7 @@ def bench_run(source: str, model: str | None, limit: int | None, batch_size: int
     Example:
       invsort bench examples/images --model bundled:fashion_mnist_cnn --json bench.json
       invsort bench photos/ --model shoes.pt --limit 2000 --db-url postgresql://postgres@127.0.0.1/catalog
+      invsort bench photos/ --model shoes.pt --device cuda --batch-size 256 --gpu-decode on --gpu-decode off
     """
     from pipeline.bench.peers import format_table, parse_ray_config, run_bench
 
@@ -891,7 +898,8 @@ def bench_run(source: str, model: str | None, limit: int | None, batch_size: int
         source, model_spec=model or _settings().model_path, limit=limit, batch_size=batch_size,
         peers=peers or None, db_urls=db_urls, threads=threads,
         ray_config=parse_ray_config(ray_config, batch_size=batch_size) if ray_config else None,
-        ray_tune_images=ray_tune_images, upsert_rows=upsert_rows, on_event=lambda line: click.echo(line, err=True),
+        ray_tune_images=ray_tune_images, upsert_rows=upsert_rows, device=device, gpu_decodes=gpu_decodes or ("auto",),
+        on_event=lambda line: click.echo(line, err=True),
     )
     click.echo(format_table(report))
     if json_path:

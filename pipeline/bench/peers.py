@@ -265,7 +265,7 @@ def _items(spec: dict[str, Any]) -> list[Item]:
 def _peer_settings(spec: dict[str, Any], **overrides: Any) -> Settings:
     from pipeline.settings import build_settings
 
-    return build_settings(batch_size=spec["batch_size"], device="cpu", **overrides)
+    return build_settings(batch_size=spec["batch_size"], device=spec.get("device", "cpu"), **overrides)
 
 
 def _model_info(mf: Any) -> dict[str, Any]:
@@ -274,7 +274,8 @@ def _model_info(mf: Any) -> dict[str, Any]:
 
 
 def peer_model_only(spec: dict[str, Any]) -> dict[str, Any]:
-    """Forward passes of ``spec["images"]`` images in batches, from one random uint8 batch in memory."""
+    """Forward passes of ``spec["images"]`` images in batches, from one random uint8 batch in host memory (on a
+    GPU each batch is copied from pinned memory, as the pipeline's are)."""
     import torch
 
     from pipeline.inference.predictor import Predictor, PredictorOptions
@@ -283,13 +284,17 @@ def peer_model_only(spec: dict[str, Any]) -> dict[str, Any]:
     settings = _peer_settings(spec)
     threads = _set_threads(spec["threads"])
     mf = load_model_file(spec["model"])
-    options = PredictorOptions(device="cpu", runtime=settings.runtime, runtime_cache_dir=settings.runtime_cache_dir,
-                               cpu_streams=settings.cpu_streams, cpu_microbatch=settings.cpu_microbatch)
+    options = PredictorOptions(device=settings.device, runtime=settings.runtime,
+                               runtime_cache_dir=settings.runtime_cache_dir, cpu_streams=settings.cpu_streams,
+                               cpu_microbatch=settings.cpu_microbatch)
     predictor = Predictor(mf, options)
     n, b = spec["images"], spec["batch_size"]
     h, w = mf.input_size
     gen = torch.Generator().manual_seed(0)
     batch = torch.randint(0, 256, (b, h, w, mf.in_chans), dtype=torch.uint8, generator=gen)
+    on_gpu = predictor.device.type == "cuda"
+    if on_gpu:
+        batch = batch.pin_memory()
     arrivals: list[float] = []
     start = time.perf_counter()
     for first in range(0, n, b):
@@ -297,9 +302,11 @@ def peer_model_only(spec: dict[str, Any]) -> dict[str, Any]:
         arrivals.append(time.perf_counter())
     predictor.close()
     return {**_figures(n, start, arrivals), "model": _model_info(mf),
-            "config": {"runtime": settings.runtime, "device": "cpu", "torch_threads": threads, "batch_size": b,
-                       "cpu_streams": predictor.cpu_streams, "cpu_microbatch": predictor.cpu_microbatch,
-                       "input": f"random uint8 ({b}, {h}, {w}, {mf.in_chans}) batch in memory, channels_last"}}
+            "config": {"runtime": settings.runtime, "device": str(predictor.device), "torch_threads": threads,
+                       "batch_size": b, "cpu_streams": predictor.cpu_streams,
+                       "cpu_microbatch": predictor.cpu_microbatch,
+                       "input": f"random uint8 ({b}, {h}, {w}, {mf.in_chans}) batch in "
+                                f"{'pinned host memory' if on_gpu else 'memory'}, channels_last"}}
 
 
 def peer_decode_only(spec: dict[str, Any]) -> dict[str, Any]:
@@ -348,11 +355,13 @@ def peer_naive(spec: dict[str, Any]) -> dict[str, Any]:
     from PIL import Image
     from torchvision import transforms
 
+    from pipeline.inference.predictor import resolve_device
     from pipeline.models.modelfile import load_model_file
 
     threads = _set_threads(spec["threads"])
     mf = load_model_file(spec["model"])
-    model = mf.build()
+    device = resolve_device(spec.get("device", "cpu"))
+    model = mf.build().to(device)
     transform = transforms.Compose([
         transforms.Resize(tuple(mf.input_size)),
         transforms.ToTensor(),
@@ -367,11 +376,11 @@ def peer_naive(spec: dict[str, Any]) -> dict[str, Any]:
         for i, path in enumerate(paths, 1):
             with Image.open(path) as im:
                 image = im.convert(mode)
-            model(transform(image).unsqueeze(0)).argmax(dim=1).item()
+            model(transform(image).unsqueeze(0).to(device)).argmax(dim=1).item()
             if i % b == 0 or i == len(paths):  # one "batch" = batch_size images, for comparable intervals
                 arrivals.append(time.perf_counter())
     return {**_figures(len(paths), start, arrivals), "model": _model_info(mf),
-            "config": {"batch_size": 1, "reported_per": b, "torch_threads": threads, "device": "cpu",
+            "config": {"batch_size": 1, "reported_per": b, "torch_threads": threads, "device": str(device),
                        "decoder": "PIL + torchvision.transforms (Resize, ToTensor, Normalize)", "grad": "no_grad"}}
 
 
@@ -510,7 +519,7 @@ def peer_invsort(spec: dict[str, Any]) -> dict[str, Any]:
 
     threads = _set_threads(spec["threads"])
     with _scratch_database(spec.get("database_url")) as (url, where):
-        settings = _peer_settings(spec, database_url=url)
+        settings = _peer_settings(spec, database_url=url, gpu_decode=spec.get("gpu_decode", "auto"))
         arrivals: list[float] = []
         outcome = sort_source(spec["source"], settings=settings, model_spec=spec["model"], limit=spec["images"],
                               on_progress=lambda rows: arrivals.append(time.perf_counter()))
@@ -528,8 +537,9 @@ def peer_invsort(spec: dict[str, Any]) -> dict[str, Any]:
     mf = predictor.model_file
     return {**result, "failed": s.failed, "rows_written": written, "model": _model_info(mf),
             "config": {"database": where, "batch_size": settings.batch_size, "decode_threads": settings.decode_threads,
-                       "torch_threads": threads, "runtime": settings.runtime, "device": "cpu",
-                       "cpu_streams": predictor.cpu_streams,
+                       "torch_threads": threads, "runtime": settings.runtime,
+                       "device": str(getattr(predictor, "device", "cpu")),
+                       "decoder": getattr(predictor, "decode_backend", "opencv"), "cpu_streams": predictor.cpu_streams,
                        "cpu_microbatch": settings.cpu_microbatch, "job_id": outcome.job_id}}
 
 
@@ -653,6 +663,8 @@ def run_bench(
     ray_config: RayConfig | None = None,
     ray_tune_images: int = 512,
     upsert_rows: int = 0,
+    device: str = "cpu",
+    gpu_decodes: Sequence[str] = ("auto",),
     on_event: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the chosen peers one after the other, each in its own process, on the first ``limit`` images.
@@ -668,6 +680,11 @@ def run_bench(
         ray_config: the Ray layout; None tunes it on ``ray_tune_images`` images first.
         upsert_rows: when > 0, also :func:`pipeline.bench.catalog.bench_upserts` with this many rows on each
             database (rows/s of catalog writes alone).
+        device: where the model_only, naive and invsort peers run the network: ``auto``, ``cpu``, ``cuda`` or
+            ``cuda:N`` (``auto`` is resolved here and the report names the device). decode_only and Ray run on
+            the CPU.
+        gpu_decodes: ``INVSORT_GPU_DECODE`` modes (``auto``, ``on``, ``off``): one invsort run per mode and
+            database; with more than one, each run's name ends in ``_gpu_decode_<mode>``.
         on_event: called with a line of progress text.
 
     Returns:
@@ -676,7 +693,8 @@ def run_bench(
         ``error`` with a ``reason``), ``ray_tuning`` (each layout tried), ``ratios`` and ``catalog_upserts``.
 
     Raises:
-        ConfigError: unknown peer name or bad batch size.
+        ConfigError: unknown peer name, bad batch size, a device that is not here, or a GPU-decode mode that is
+            unknown or ``on`` without CUDA.
         SourceError: ``source`` is not a local folder of images.
         FileNotFoundError, ModelFileError: the model cannot be loaded.
     """
@@ -688,12 +706,19 @@ def run_bench(
         raise ConfigError(f"unknown peer(s) {', '.join(unknown)}; valid: {', '.join(PEERS)}")
     if not 1 <= batch_size <= 4096:
         raise ConfigError(f"batch size must be between 1 and 4096, got {batch_size}")
+    from pipeline.inference.predictor import resolve_decode_backend, resolve_device
+
+    resolved = resolve_device(device)
+    for mode in gpu_decodes:
+        resolve_decode_backend(mode, resolved)
+    device = str(resolved)
     say = on_event or (lambda line: log.info("%s", line))
     mf = load_model_file(model_spec)
     items, size = _list_source(source, limit)
     n = len(items)
     say(f"{n} images ({size / 2**20:.1f} MiB) from {source}; model {mf.name} {mf.version}")
-    base = {"source": source, "model": model_spec, "images": n, "batch_size": batch_size, "threads": threads}
+    base = {"source": source, "model": model_spec, "images": n, "batch_size": batch_size, "threads": threads,
+            "device": device}
     report: dict[str, Any] = {
         "invsort_bench": 1,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -701,6 +726,7 @@ def run_bench(
         "images": n,
         "source_bytes": size,
         "batch_size": batch_size,
+        "device": device,
         "model": _model_info(mf),
         "machine": _machine(),
         "timing": TIMING,
@@ -724,11 +750,14 @@ def run_bench(
         if find_spec("ray") is None:
             results["ray"] = {"status": "skipped", "reason": _RAY_MISSING}
         else:
-            results["ray"] = _run_ray(base, ray_config, ray_tune_images, report["ray_tuning"], run)
+            cpu = {**base, "device": "cpu"}
+            results["ray"] = _run_ray(cpu, ray_config, ray_tune_images, report["ray_tuning"], run)
     if "invsort" in peers:
         for url in (None, *db_urls):
-            name = _unique(f"invsort_{_backend(url)}", list(results))
-            results[name] = run(name, {**base, "peer": "invsort", "database_url": url})
+            for mode in dict.fromkeys(gpu_decodes):
+                suffix = f"_gpu_decode_{mode}" if len(set(gpu_decodes)) > 1 else ""
+                name = _unique(f"invsort_{_backend(url)}{suffix}", list(results))
+                results[name] = run(name, {**base, "peer": "invsort", "database_url": url, "gpu_decode": mode})
     for name, r in results.items():
         if name.startswith("invsort"):
             report["ratios"][name] = {
@@ -794,6 +823,11 @@ def _bench_upserts(db_urls: Sequence[str], rows: int, batch_size: int,
 def _machine() -> dict[str, Any]:
     info: dict[str, Any] = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                             "python": platform.python_version()}
+    if find_spec("torch") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     for module in ("torch", "torchvision", "cv2", "ray"):
         if find_spec(module) is None:
             info[module] = None
@@ -812,7 +846,7 @@ def _machine() -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- table
 
 
-_COLUMNS = (("peer", 20, "<"), ("images", 7, ">"), ("images/s", 10, ">"), ("p50 ms", 9, ">"), ("p95 ms", 9, ">"),
+_COLUMNS = (("peer", 30, "<"), ("images", 7, ">"), ("images/s", 10, ">"), ("p50 ms", 9, ">"), ("p95 ms", 9, ">"),
             ("peak RSS MiB", 13, ">"), ("setup s", 8, ">"))
 
 
@@ -828,7 +862,7 @@ def format_table(report: dict[str, Any]) -> str:
     for name, r in report["peers"].items():
         if r.get("status") != "ok":
             reason = (r.get("reason") or "").strip().splitlines() or [""]
-            lines.append(f"{name:<20}  {r.get('status')}: {reason[-1][:100]}")
+            lines.append(f"{name:<{_COLUMNS[0][1]}}  {r.get('status')}: {reason[-1][:100]}")
             continue
         values = (name, r["images"], cell(r["images_per_s"]), cell(r["batch_ms_p50"]), cell(r["batch_ms_p95"]),
                   cell(r["peak_rss_mib"]), cell(r.get("setup_s")))
@@ -847,14 +881,16 @@ def format_table(report: dict[str, Any]) -> str:
                          f"{u['reupsert_rows_per_s']} rows/s re-upsert ({u['rows']} rows, batch {u['batch_size']})")
     lines.append(f"model {report['model']['spec']} ({report['model']['arch']}, input "
                  f"{'x'.join(map(str, report['model']['input_size']))}), batch size {report['batch_size']}, "
-                 f"{report['machine']['cpu_count']} CPUs; images/s from the first image to the last result, "
-                 "setup (imports, model load, Ray start) excluded")
+                 f"device {report.get('device', 'cpu')}, {report['machine']['cpu_count']} CPUs"
+                 + "".join(f", {g}" for g in report["machine"].get("gpus", []))
+                 + "; images/s from the first image to the last result, setup (imports, model load, Ray start) "
+                 "excluded")
     return "\n".join(lines)
 
 
 def _describe(cfg: dict[str, Any]) -> str:
-    keys = ("database", "runtime", "torch_threads", "cpu_streams", "cpu_microbatch", "decode_threads", "batch_size",
-            "decoder")
+    keys = ("database", "runtime", "device", "torch_threads", "cpu_streams", "cpu_microbatch", "decode_threads",
+            "batch_size", "decoder")
     return ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
 
 
