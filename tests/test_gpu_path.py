@@ -486,7 +486,7 @@ def test_compiled_network_gives_the_eager_results_on_the_cpu():
 def test_cuda_runner_uses_pinned_buffers_and_a_stream_per_inflight_batch():
     predictor = Predictor(small_rgb_file(), PredictorOptions(device="cuda"))
     assert predictor.decode_backend == "torchvision"
-    runner = streaming._BatchRunner(predictor, batch_size=16, depth=2, max_pixels=10**8)
+    runner = streaming._BatchRunner(predictor, batch_size=16, depth=2, max_pixels=10**8, budget=None)
     assert len(runner.slots) == 2
     assert all(s.host_in.is_pinned() and s.host_out.is_pinned() for s in runner.slots)
     assert runner.slots[0].host_in.shape == (16, 64, 80, 3)

@@ -739,7 +739,9 @@ def run_bench(
     def run(name: str, spec: dict[str, Any]) -> dict[str, Any]:
         say(f"running {name} ...")
         result = _spawn({**spec, "peer": spec.get("peer", name)})
-        say(f"  {name}: " + (f"{result['images_per_s']} images/s" if result.get("status") == "ok"
+        say(f"  {name}: " + (f"{result['images_per_s']} images/s, batch p50 {result['batch_ms_p50']} ms, "
+                             f"setup {result.get('setup_s')} s, {json.dumps(result.get('config', {}))}"
+                             if result.get("status") == "ok"
                              else f"{result['status']}: {result.get('reason', '')}"))
         return result
 

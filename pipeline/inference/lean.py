@@ -59,7 +59,8 @@ class PredictorOptions:
         torch_compile: run the network through ``torch.compile`` (runtime ``torch`` only). It is compiled when
             the predictor is made, on a zero batch of ``compile_batch_size`` images, and later batches are
             padded or split to that size so that it compiles once.
-        compile_batch_size: see ``torch_compile``; use the pipeline's batch size.
+        compile_batch_size: see ``torch_compile``; use the pipeline's batch size. On CUDA without
+            ``torch_compile``, the size of the zero batch the predictor warms the GPU up with when it is made.
         cpu_streams: on the CPU, how many forward passes run side by side (threads of a pool owned by the
             predictor), each on a micro-batch of ``cpu_microbatch`` images with ``threads // cpu_streams``
             intra-op threads, where ``threads`` is the creating thread's ``torch.get_num_threads()`` (without

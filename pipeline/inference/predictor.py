@@ -7,6 +7,7 @@ one :class:`PredictorOptions`. The streaming decode -> batch -> forward pipeline
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from types import TracebackType
@@ -131,6 +132,8 @@ class Predictor:
         self.static_batch: int | None = None  # set by torch_compile: every forward pass has this many images
         if opts.torch_compile:
             self._compile(opts.compile_batch_size)
+        elif self.is_cuda and self.model is not None:
+            self._warm_up(opts.compile_batch_size)
         self._pool: ThreadPoolExecutor | None = None  # last: nothing above can leave it unclosed
         if self.cpu_streams > 1:  # each stream thread gets its share of the cores (a per-thread torch setting)
             self._pool = ThreadPoolExecutor(self.cpu_streams, thread_name_prefix="invsort-forward",
@@ -171,6 +174,19 @@ class Predictor:
         self.static_batch = batch_size
         log.info("compiled %s with torch.compile for batches of %d on %s", self.model_file.arch, batch_size,
                  self.device)
+
+    def _warm_up(self, batch_size: int) -> None:
+        """One forward pass of a zero ``(batch_size, H, W, C)`` uint8 batch on the GPU, waited for: CUDA's
+        context, cuBLAS/cuDNN handles and the kernels (loaded lazily, on first use) are made here, with the
+        model, rather than in a job's first batch, which they would otherwise hold up for seconds."""
+        h, w = self.input_size
+        zeros = torch.zeros((max(1, batch_size), h, w, self.model_file.in_chans), dtype=torch.uint8,
+                            device=self.device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            self._logits(zeros)
+        torch.cuda.synchronize(self.device)
+        log.info("warmed %s up on %s in %.2f s", self.model_file.arch, self.device, time.perf_counter() - started)
 
     @property
     def input_size(self) -> tuple[int, int]:
