@@ -319,12 +319,15 @@ def peer_decode_only(spec: dict[str, Any]) -> dict[str, Any]:
     from pipeline.models.modelfile import load_model_file
 
     class NormaliseOnly(Predictor):
-        """A predictor whose "model" only normalises the batch: what is left is reading and decoding."""
+        """A predictor whose "model" only normalises the batch: what is left is reading and decoding. (It replaces
+        ``predict_outputs``, what the pipeline calls; before 2026-11-30 it replaced ``predict_logits``, which the
+        pipeline no longer called, so the peer ran the model too.)"""
 
-        def predict_logits(self, batch: torch.Tensor) -> torch.Tensor:
+        def predict_outputs(self, batch: torch.Tensor | Any) -> torch.Tensor:
+            batch = torch.as_tensor(batch)
             with torch.inference_mode():
                 x = to_model_input(batch, self.mean, self.std)
-            return torch.zeros(x.shape[0], len(self.class_names))
+            return torch.zeros(x.shape[0], self.output_width)
 
     settings = _peer_settings(spec)
     mf = load_model_file(spec["model"])
