@@ -4,6 +4,7 @@ prefix, manifest) yields is tests/test_sources.py's."""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -151,6 +152,23 @@ def test_local_missing_file_directory_and_oversize(tree: tuple[Path, dict[str, b
         small.read(str(root / "a.jpg"))
     assert isinstance(info.value, ValueError) and isinstance(info.value, InvsortError)
     assert small.read(str(root / "100% cotton.bmp")) == images["100% cotton.bmp"]
+
+
+def test_local_read_of_a_fifo_or_a_dangling_link_ends_at_once(tree: tuple[Path, dict[str, bytes]],
+                                                               outside: Path) -> None:
+    """A named pipe inside the roots (a manifest can name anything) is read as empty rather than waited on for
+    ever (so its row fails as an empty file); a link to nothing says whether its target would be outside."""
+    root, _ = tree
+    fifo = root / "pipe.jpg"
+    os.mkfifo(fifo)
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(LocalStorage([root]).read, str(fifo)).result(timeout=10) == b""
+    (root / "gone.jpg").symlink_to(root / "never-written.jpg")
+    with pytest.raises(FileNotFoundError, match="no such file: .*gone.jpg"):
+        LocalStorage([root]).read(str(root / "gone.jpg"))
+    (root / "gone-out.jpg").symlink_to(outside.parent / "never-written.jpg")
+    with pytest.raises(PermissionError, match="outside the local roots"):
+        LocalStorage([root]).read(str(root / "gone-out.jpg"))
 
 
 def test_local_list_outside_roots_refused(tree: tuple[Path, dict[str, bytes]], outside: Path) -> None:
