@@ -11,6 +11,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from sqlalchemy import func, select, text
 
@@ -26,12 +27,14 @@ from pipeline.bench.peers import (
     ray_candidates,
     run_bench,
 )
+from pipeline.bench.stages import stage_figures
 from pipeline.errors import ConfigError, SourceError
-from tests.images import EXAMPLES, FOOTWEAR_TAR, MOBILENET_WEIGHTS
+from tests.images import EXAMPLES, FOOTWEAR_TAR, MOBILENET_WEIGHTS, photo_jpeg
 from worker.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_RAY = find_spec("ray") is not None
+HAS_CUDA = torch.cuda.is_available()
 # One small fixed layout (no tuning): the test checks that the Ray peer works, not which layout is fastest.
 RAY_TEST_CONFIG = "actors=1,cpus=1,threads=1,decode=actor"
 RAY_SKIPPED = {"status": "skipped", "reason": "ray is not installed: pip install -e '.[bench]'"}
@@ -133,6 +136,42 @@ def test_bench_cli_on_the_examples_runs_every_peer(tmp_path):
     for peer in ("model_only", "decode_only", "naive", "ray", "invsort_sqlite"):
         assert f"\n{peer} " in result.stdout
     assert set(PEERS) == {"model_only", "decode_only", "naive", "ray", "invsort"}
+
+
+def test_bench_runs_invsort_once_per_gpu_decode_mode_on_the_device_it_names(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli([str(EXAMPLES), "--model", "bundled:fashion_mnist_cnn", "--limit", "20", "--batch-size", "8",
+                      "--peer", "model_only", "--peer", "invsort", "--device", "cpu", "--gpu-decode", "off",
+                      "--gpu-decode", "auto", "--json", str(out)])
+    report = json.loads(out.read_text())
+    check_report(report, images=20, peers={"model_only", "invsort_sqlite_gpu_decode_off",
+                                           "invsort_sqlite_gpu_decode_auto"})
+    assert report["device"] == "cpu" and report["peers"]["model_only"]["config"]["device"] == "cpu"
+    for mode in ("off", "auto"):  # on the CPU, auto decodes with OpenCV too
+        config = report["peers"][f"invsort_sqlite_gpu_decode_{mode}"]["config"]
+        assert (config["device"], config["decoder"]) == ("cpu", "opencv")
+    assert "device cpu" in result.stdout
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the refusals on a machine without a GPU")
+@pytest.mark.parametrize(("args", "message"), [
+    (["--device", "cuda"], "device cuda asked for, but no CUDA GPU is available here; use auto or cpu"),
+    (["--gpu-decode", "on"], "INVSORT_GPU_DECODE=on decodes JPEGs on a CUDA GPU, but inference runs on cpu"),
+])
+def test_bench_refuses_a_gpu_that_is_not_here(args, message):
+    result = CliRunner().invoke(main, ["bench", str(EXAMPLES), "--model", "bundled:fashion_mnist_cnn", *args])
+    assert result.exit_code == 1 and message in result.output
+
+
+def test_stage_figures_time_each_stage_of_a_sort_alone():
+    photos = [photo_jpeg(seed) for seed in range(24)]
+    figures = stage_figures(photos, model="bundled:fashion_mnist_cnn", device="cpu", batch_size=8, repeats=2,
+                            decode_threads=2)
+    assert set(figures) == {"import_torch_s", "predictor_s", "forward_on_device", "model_from_host",
+                            "opencv_decode_ms", "opencv_decode_threads"} | ({"nvjpeg_decode"} if HAS_CUDA else set())
+    assert all(v > 0 for v in figures.values())
+    with pytest.raises(ValueError, match="no photos"):
+        stage_figures([], model="bundled:fashion_mnist_cnn")
 
 
 @pytest.mark.slow
