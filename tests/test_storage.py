@@ -163,6 +163,11 @@ def test_local_read_of_a_fifo_or_a_dangling_link_ends_at_once(tree: tuple[Path, 
     os.mkfifo(fifo)
     with ThreadPoolExecutor(1) as pool:
         assert pool.submit(LocalStorage([root]).read, str(fifo)).result(timeout=10) == b""
+        writer = os.open(fifo, os.O_RDWR)  # a writer that holds the pipe open and has written nothing
+        try:
+            assert pool.submit(LocalStorage([root]).read, str(fifo)).result(timeout=10) == b""
+        finally:
+            os.close(writer)
     (root / "gone.jpg").symlink_to(root / "never-written.jpg")
     with pytest.raises(FileNotFoundError, match="no such file: .*gone.jpg"):
         LocalStorage([root]).read(str(root / "gone.jpg"))

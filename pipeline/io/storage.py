@@ -287,8 +287,8 @@ class LocalStorage:
                     f"file is {st.st_size} bytes, more than the limit of {self.max_bytes}: {_shown(path)}"
                 )
             try:
-                data = f.read(self.max_bytes + 1)
-            except BlockingIOError:  # a FIFO with a writer that has not written
+                data = f.read(self.max_bytes + 1) or b""  # None: a non-blocking FIFO with nothing written yet
+            except BlockingIOError:  # the same, as BufferedReader may also report it
                 data = b""
         if len(data) > self.max_bytes:  # grew after the fstat
             raise TooLargeError(f"file is more than the limit of {self.max_bytes} bytes: {_shown(path)}")
