@@ -158,13 +158,8 @@ class Predictor:
             raise ConfigError(f"compile_batch_size must be >= 1, got {batch_size}")
         assert self.model is not None
         self.model = cast(torch.nn.Module, torch.compile(self.model))  # an OptimizedModule for a Module
-        h, w = self.input_size
-        zeros = torch.zeros((batch_size, h, w, self.model_file.in_chans), dtype=torch.uint8, device=self.device)
         try:
-            with torch.inference_mode():
-                self._logits(zeros)
-            if self.is_cuda:
-                torch.cuda.synchronize(self.device)
+            self._warm_up(batch_size)  # compiles it
         except Exception as exc:  # inductor needs a C++ compiler (CPU) or Triton (GPU); say so at start-up
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             raise ConfigError(
@@ -176,16 +171,18 @@ class Predictor:
                  self.device)
 
     def _warm_up(self, batch_size: int) -> None:
-        """One forward pass of a zero ``(batch_size, H, W, C)`` uint8 batch on the GPU, waited for: CUDA's
-        context, cuBLAS/cuDNN handles and the kernels (loaded lazily, on first use) are made here, with the
-        model, rather than in a job's first batch, which they would otherwise hold up for seconds."""
+        """One forward pass of a zero ``(batch_size, H, W, C)`` uint8 batch on the device, waited for: on CUDA,
+        the context, cuBLAS/cuDNN handles and the kernels (loaded lazily, on first use) are made here, with the
+        model, rather than in a job's first batch, which they would otherwise hold up for seconds; under
+        ``torch_compile``, this pass compiles the network."""
         h, w = self.input_size
         zeros = torch.zeros((max(1, batch_size), h, w, self.model_file.in_chans), dtype=torch.uint8,
                             device=self.device)
         started = time.perf_counter()
         with torch.inference_mode():
             self._logits(zeros)
-        torch.cuda.synchronize(self.device)
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
         log.info("warmed %s up on %s in %.2f s", self.model_file.arch, self.device, time.perf_counter() - started)
 
     @property

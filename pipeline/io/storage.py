@@ -218,9 +218,8 @@ class LocalStorage:
         if "\x00" in path:
             raise SourceError(f"local path {_shown(path)} has a NUL byte: no file can have that name")
         real = os.path.realpath(path)
-        for root in self.roots:
-            if os.path.commonpath([real, root]) == root:
-                return real
+        if self._inside(real):
+            return real
         shown = _shown(path) if real == path else f"{_shown(path)} (resolves to {_shown(real)})"
         if not self.roots:
             raise PermissionError(
